@@ -474,6 +474,21 @@ def _own_cpu_seconds() -> float:
     return float(times.user + times.system)
 
 
+async def _locate_trioproxy(env: dict[str, str]) -> str:
+    """Where `python -m trioproxy` will import from, so a report names what it ran
+    (an editable install elsewhere can shadow --trioproxy-root)."""
+    code = "import trioproxy; print(trioproxy.__file__ or list(trioproxy.__path__))"
+    with trio.fail_after(READY_TIMEOUT):
+        done = await trio.run_process(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.stdout.decode().strip() or f"not importable: {done.stderr.decode()[-300:]}"
+
+
 async def _measure(
     recorder: Recorder, url: str, spec: LoadSpec, args: argparse.Namespace
 ) -> tuple[float, bool]:
@@ -540,7 +555,10 @@ async def run_target(
     else:
         extra = args.proxy_args if target.kind == "trioproxy" else args.naive_args
         argv = _proxy_argv(target.kind, origin.url, extra)
-        env = _trioproxy_env(args.trioproxy_root) if target.kind == "trioproxy" else None
+        env = None
+        if target.kind == "trioproxy":
+            env = _trioproxy_env(args.trioproxy_root)
+            _log(f"trioproxy package: {await _locate_trioproxy(env)}")
         child = await start_child(nursery, target.name, argv, env)
         url, pid = child.url, child.process.pid
     assert url is not None
