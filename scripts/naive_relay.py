@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import traceback
@@ -226,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
     upstream = parse_http_url(args.upstream)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop
+    try:
         trio.run(_serve_and_announce, upstream, host, port, args.read_size)
+    except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
+        pass
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import socket
@@ -246,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop
+    try:
         trio.run(_serve_and_announce, host, port)
+    except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
+        pass
 
 
 if __name__ == "__main__":

@@ -757,7 +757,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     targets = targets_from(args, parser)
     spec = LoadSpec(args.clients, args.bytes, args.rate, args.upload, args.chunked, args.rcvbuf)
-    summaries, samples = trio.run(run_all, targets, spec, args)
+    try:
+        summaries, samples = trio.run(run_all, targets, spec, args)
+    except* KeyboardInterrupt:  # children were already stopped on the way out
+        _log("interrupted: no summary")
+        sys.exit(130)
     write_reports(args, spec, summaries, samples)
     print(format_table(summaries))
 
