@@ -424,7 +424,72 @@ async def test_tls_handshake_and_https_request_pass_an_in_memory_tunnel(
             await secure.aclose()
 
 
+async def test_connect_tunnel_memory_is_bounded_with_a_stalled_client() -> None:
+    """Through handle_connection, a client that stops reading after the 200 and
+    an origin that sends without pause: the tunnel holds at most
+    (N + 2) x read_size bytes of the download, every byte the origin got rid
+    of is among them, and the channel is full (backpressure reached the origin)."""
+    config = trioproxy.ProxyConfig(read_size=1024, buffer_chunks=2)
+    bound = config.max_buffered_per_direction
+    port = UpstreamPort(make_pair=trio.testing.lockstep_stream_pair)
+    client, server = trio.testing.lockstep_stream_pair()
+    meters = ProxyMeters()
+    delivered = 0
+
+    async def firehose_origin() -> None:
+        nonlocal delivered
+        origin = await port.accept()
+        while True:
+            await origin.send_all(b"x" * 1024)  # lockstep: returns once the proxy has read it
+            delivered += 1024
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(
+                handle_connection, server, config, open_upstream=port.open_upstream, meters=meters
+            )
+        )
+        nursery.start_soon(firehose_origin)
+        await client.send_all(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+        assert (await client.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        await trio.testing.wait_all_tasks_blocked()
+        assert config.buffer_chunks * 1024 <= meters.tunnels.held <= bound
+        assert delivered == meters.tunnels.held
+        nursery.cancel_scope.cancel()
+
+
 # --- loopback: real HTTPS clients through the real server ---------------------
+
+
+async def test_half_close_passes_through_the_real_server() -> None:
+    """Over real sockets: the client's shutdown(SHUT_WR) after CONNECT reaches
+    the origin as EOF, and the origin's answer, sent only after that EOF, still
+    reaches the client, followed by the origin's own EOF."""
+
+    async def reverse_after_eof(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = await receive_until_eof(stream)
+            await stream.send_all(data[::-1])
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, reverse_after_eof, listeners)
+        origin = b"127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig())
+        with trio.fail_after(10):  # a guard against a hang, not a timing assertion
+            client = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+            async with client:
+                request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\nhello, " % (origin, origin)
+                await client.send_all(request)
+                head = bytearray()
+                while b"\r\n\r\n" not in head:
+                    head += await client.receive_some(65536)
+                assert head.startswith(b"HTTP/1.1 200 Connection established\r\n")
+                assert head.endswith(b"\r\n\r\n")
+                await client.send_all(b"world")
+                await client.send_eof()
+                assert await receive_until_eof(client) == b"dlrow ,olleh"
+        nursery.cancel_scope.cancel()
 
 
 async def serve_tls_origin(
