@@ -166,7 +166,9 @@ async def test_websocket_through_the_proxy(
 # --- raw upgrades: every byte kept, ordinary answers stay ordinary ---------------
 
 
-def upgrade_request(config: trioproxy.ProxyConfig) -> h11.Request:
+def upgrade_request(
+    config: trioproxy.ProxyConfig, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> h11.Request:
     return h11.Request(
         method=b"GET",
         target=target_for(config, "/switch"),
@@ -174,6 +176,7 @@ def upgrade_request(config: trioproxy.ProxyConfig) -> h11.Request:
             (b"Host", b"origin.test:8080"),
             (b"Connection", b"Upgrade"),
             (b"Upgrade", b"x-test/1"),
+            *extra,
         ],
     )
 
@@ -304,4 +307,44 @@ async def test_a_101_nobody_asked_for_is_502(autojump_clock: trio.testing.MockCl
             await send_h11_message(client, client_conn, request)
             response, _ = await read_h11_message(client, client_conn)
             assert response.status_code == 502  # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_101_before_the_request_body_was_read_is_502(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An upstream that switches protocols and then goes away before reading the
+    request body cannot be switched to: the client gets 502, never a 101."""
+    port = UpstreamPort()
+    client, server = trio.testing.memory_stream_pair()
+    client_conn = h11.Connection(h11.CLIENT)
+    request = upgrade_request(FORWARD, ((b"Content-Length", b"5"),))
+
+    async def impatient_origin() -> None:
+        stream = await port.accept()
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while not isinstance(conn.next_event(), h11.Request):
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            switch = h11.InformationalResponse(
+                status_code=101, headers=[(b"Connection", b"upgrade"), (b"Upgrade", b"x-test/1")]
+            )
+            await stream.send_all(conn.send(switch) or b"")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(handle_connection, server, FORWARD, open_upstream=port.open_upstream)
+            )
+            nursery.start_soon(impatient_origin)
+            await client.send_all(client_conn.send(request) or b"")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(client_conn.send(h11.Data(data=b"12345")) or b"")
+            await client.send_all(client_conn.send(h11.EndOfMessage()) or b"")
+            event = client_conn.next_event()
+            while event is h11.NEED_DATA:
+                client_conn.receive_data(bytes(await client.receive_some(65536)))
+                event = client_conn.next_event()
+            assert isinstance(event, h11.Response)
+            assert event.status_code == 502
             nursery.cancel_scope.cancel()

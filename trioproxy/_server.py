@@ -270,6 +270,9 @@ async def _relay_messages(
             nursery.start_soon(send_request_body)
             response = await _receive_response_head(client, upstream, request, head_deadline)
             if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
+                # The switch happens after the whole request. An upstream that
+                # sends 101 and then neither reads the body nor closes stalls
+                # here, as it would stall any upload.
                 await request_sent.wait()
                 await tunnel_after_upgrade(
                     client, upstream, response, config, context.meters.tunnels

@@ -19,7 +19,7 @@ import h11
 import trio
 
 from ._config import ProxyConfig
-from ._errors import BadRequest
+from ._errors import BadGateway, BadRequest
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import VIA_VALUE, client_response_headers, upgrade_fields
 from ._relay import BufferGauge
@@ -67,11 +67,17 @@ async def tunnel_after_upgrade(
 ) -> TunnelStatistics:
     """Forward the upstream's 101 with its Upgrade fields, then tunnel.
 
-    Call after the request has been sent completely, so that both h11
-    connections are in ``SWITCHED_PROTOCOL``.
+    Call once the request body pump has ended; if it delivered the whole
+    request, both h11 connections can switch.
 
     Resource handling: both streams are closed when this returns.
+
+    Raises:
+        BadGateway: if the request did not reach the upstream whole (it
+            switched, then stopped reading), so the switch cannot be made.
     """
+    if upstream.conn.our_state is not h11.SWITCHED_PROTOCOL:
+        raise BadGateway("upstream switched protocols before it read the whole request")
     raw = response.headers.raw_items()
     await client.send(
         h11.InformationalResponse(
