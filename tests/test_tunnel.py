@@ -119,6 +119,57 @@ async def test_tunnel_forwards_half_close_while_the_other_direction_flows(
             await own_end.receive_some(1)
 
 
+class EofRefused(trio.abc.HalfCloseableStream):
+    """A stream whose peer is gone for send_eof() (ENOTCONN after a reset), and
+    otherwise the wrapped stream."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        raise trio.BrokenResourceError("[Errno 107] Transport endpoint is not connected")
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_refused_half_close_is_not_a_broken_tunnel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When the EOF cannot be passed on because that peer is already gone, the
+    direction still delivered everything: the other direction goes on, and
+    the tunnel ends without an error once it ends too."""
+    client, a = trio.testing.memory_stream_pair()
+    b, origin = trio.testing.memory_stream_pair()
+    results: list[TunnelStatistics] = []
+
+    async def run() -> None:
+        results.append(await tunnel(a, EofRefused(b), read_size=1024, buffer_chunks=2))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await client.send_all(b"bye")
+            await client.send_eof()
+            assert await receive_exactly(origin, 3) == b"bye"
+            await trio.testing.wait_all_tasks_blocked()
+            await origin.send_all(b"still here")
+            await origin.send_eof()
+            assert await receive_until_eof(client) == b"still here"
+    [statistics] = results
+    assert statistics.error is None
+
+
 @pytest.mark.parametrize("closing_side", ["a", "b"])
 async def test_early_close_on_either_side_ends_the_tunnel_and_closes_both(
     closing_side: str, autojump_clock: trio.testing.MockClock

@@ -129,12 +129,28 @@ class Tunnel:
         """Pump ``prefix`` then ``source`` into ``sink``; pass EOF on as half-close."""
         try:
             await pump.run(_prefixed_reader(source, prefix, self._read_size), sink.send_all)
-            if isinstance(sink, trio.abc.HalfCloseableStream):
-                await sink.send_eof()
         except* _STREAM_ERRORS as group:
             if self._error is None:
                 self._error = _describe(group.exceptions[0])
             nursery.cancel_scope.cancel()
+        else:
+            await _forward_eof(sink)
+
+
+async def _forward_eof(sink: trio.abc.SendStream) -> None:
+    """Half-close ``sink`` if it can be half-closed.
+
+    A sink that is already gone (its peer reset the connection, as TCP peers
+    do after closing) has no use for the EOF; that is not a failure of this
+    direction, which did deliver everything, and the opposite direction,
+    reading from the same peer, sees the end on its own.
+    """
+    if not isinstance(sink, trio.abc.HalfCloseableStream):
+        return
+    try:
+        await sink.send_eof()
+    except _STREAM_ERRORS:
+        return
 
 
 def _prefixed_reader(source: trio.abc.ReceiveStream, prefix: bytes, read_size: int) -> ReadChunk:
