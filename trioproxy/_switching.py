@@ -116,7 +116,8 @@ async def _tunnel(
 
 
 def _trailing_bytes(conn: h11.Connection | None) -> bytes:
-    """What h11 read past the last head; its size is bounded by h11's buffer."""
+    """What h11 read past the last head: at most ``read_size`` bytes, since the
+    endpoints stop reading as soon as h11 has a whole head."""
     if conn is None:
         return b""
     assert conn.our_state is h11.SWITCHED_PROTOCOL, conn.our_state
