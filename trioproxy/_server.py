@@ -144,6 +144,7 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
         if head_deadline is None:
             return  # idle for too long, or the server is draining: close silently.
         first = False
+        failure: ProxyError | None = None
         with logged_exchange(context.client_host) as record:
             try:
                 event = await read_request_head(client, context.config, head_deadline)
@@ -154,8 +155,10 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
                 await _exchange(client, event, context, record)
             except ProxyError as error:
                 record.set_error(error, answered=client.can_respond)
-                await _end_with_error(client, error)
-                return
+                failure = error
+        if failure is not None:  # logged above; answering and lingering are not timed
+            await _end_with_error(client, failure)
+            return
         if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE:
             return
         client.conn.start_next_cycle()
