@@ -21,13 +21,15 @@ import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
 logger = logging.getLogger("trioproxy")
 
-Handler = Callable[[trio.SocketStream], Awaitable[object]]
+StreamT = TypeVar("StreamT", bound=trio.abc.AsyncResource)
+ListenerT = TypeVar("ListenerT", bound=trio.abc.Listener[Any])
+Handler = Callable[[StreamT], Awaitable[object]]
 
 # accept(2) errors that mean "the system is out of resources right now", not
 # "this listener is broken": the same set trio.serve_listeners retries on.
@@ -41,8 +43,8 @@ SPARE_DESCRIPTORS = 64
 
 
 async def serve_listeners_limited(
-    handler: Handler,
-    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
+    handler: Handler[StreamT],
+    listeners: Sequence[trio.abc.Listener[StreamT]],
     *,
     limiter: trio.CapacityLimiter,
     handler_nursery: trio.Nursery,
@@ -63,8 +65,8 @@ async def serve_listeners_limited(
 
 
 async def _accept_loop(
-    listener: trio.abc.Listener[trio.SocketStream],
-    handler: Handler,
+    listener: trio.abc.Listener[StreamT],
+    handler: Handler[StreamT],
     limiter: trio.CapacityLimiter,
     handler_nursery: trio.Nursery,
 ) -> None:
@@ -82,7 +84,7 @@ async def _accept_loop(
                     limiter.release_on_behalf_of(slot)
 
 
-async def _accept(listener: trio.abc.Listener[trio.SocketStream]) -> trio.SocketStream:
+async def _accept(listener: trio.abc.Listener[StreamT]) -> StreamT:
     """Accept one connection, waiting out descriptor or memory exhaustion."""
     while True:
         try:
@@ -100,7 +102,7 @@ async def _accept(listener: trio.abc.Listener[trio.SocketStream]) -> trio.Socket
 
 
 async def _run_handler(
-    stream: trio.SocketStream, handler: Handler, limiter: trio.CapacityLimiter, slot: object
+    stream: StreamT, handler: Handler[StreamT], limiter: trio.CapacityLimiter, slot: object
 ) -> None:
     try:
         await handler(stream)

@@ -23,11 +23,12 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import trio
 
 from ._config import ProxyConfig
-from ._limits import Handler, serve_listeners_limited
+from ._limits import Handler, ListenerT, serve_listeners_limited
 
 logger = logging.getLogger("trioproxy")
 
@@ -65,13 +66,13 @@ class Shutdown:
 
 
 async def serve_until_shutdown(
-    handler: Handler,
-    listeners: Sequence[trio.SocketListener],
+    handler: Handler[Any],
+    listeners: Sequence[ListenerT],
     *,
     config: ProxyConfig,
     shutdown: Shutdown,
     trigger: ShutdownTrigger | None,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[ListenerT]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``listeners`` (at most ``config.max_connections`` at once) until
     ``trigger()`` returns; then drain for ``config.shutdown_timeout`` seconds.
