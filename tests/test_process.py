@@ -9,6 +9,7 @@ must happen promptly.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import attrs
 import h11
 import pytest
 import trio
+
+from trioproxy import ProxyConfig
+from trioproxy._limits import SPARE_DESCRIPTORS, descriptors_needed
 
 from .helpers import read_h11_message
 
@@ -157,6 +161,15 @@ async def download(proxy_port: int, origin_port: int, received: list[int]) -> in
                 return total
 
 
+def args_for_a_quiet_start() -> list[str]:
+    """No flags, unless this machine's descriptor limit is too low for the
+    default --max-connections (then the proxy rightly warns at startup)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= descriptors_needed(ProxyConfig().max_connections):
+        return []
+    return ["--max-connections", str(max(1, (hard - SPARE_DESCRIPTORS) // 2))]
+
+
 async def expect_cut_download(proxy_port: int, origin_port: int) -> None:
     """Download and check that the body was cut short after some bytes came."""
     received: list[int] = []
@@ -172,7 +185,7 @@ async def test_startup_is_one_line_and_access_log_goes_to_stderr() -> None:
     origin.release.set()
     async with trio.open_nursery() as nursery:
         await nursery.start(origin.serve)
-        async with proxy_process() as proxy:
+        async with proxy_process(*args_for_a_quiet_start()) as proxy:
             assert proxy.startup_line == f"trioproxy listening on http://127.0.0.1:{proxy.port}"
             received: list[int] = []
             assert await download(proxy.port, origin.port, received) == len(CHUNK) * CHUNKS

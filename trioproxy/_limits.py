@@ -128,7 +128,9 @@ def raise_open_file_limit() -> int | None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
         except (ValueError, OSError):
-            logger.warning("could not raise the open file limit from %d to %d", soft, wanted)
+            # E.g. macOS reports an infinite hard limit it does not grant.
+            # Not a warning by itself: the caller warns if the limit is short.
+            logger.info("could not raise the open file limit from %d to %d", soft, wanted)
     return soft
 
 

@@ -20,6 +20,11 @@ closed with the body unfinished, so the client sees an incomplete transfer
 (h11's framing guarantees it: a short Content-Length body or a chunked body
 without its last chunk). Nothing a peer does escapes ``handle_connection``;
 ``serve`` never sees a handler exception.
+
+What makes it safe to expose lives in modules of its own, called from here in
+a few lines: ``_timeouts`` (idle, request head, body stall), ``_limits``
+(connection limit, accept loop), ``_shutdown`` (the drain) and ``_accesslog``
+(one line per request).
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ async def handle_connection(
             connection closes at once and a busy one after its exchange.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
-    is answered or logged at debug level; a bug in trioproxy is logged with
+    is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
     its traceback, and only this connection ends.
     """
     context = _Context(
