@@ -6,6 +6,7 @@ where an upstream is needed, the injected ``UpstreamPort`` connector.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -323,3 +324,35 @@ def test_timeouts_must_be_positive() -> None:
         zero: dict[str, Any] = {name: 0.0}
         with pytest.raises(ValueError, match=name):
             trioproxy.ProxyConfig(**zero)
+
+
+async def test_client_that_reads_nothing_is_cut_at_stall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A client that sends a request and then never reads (slow-read attack)
+    cannot hold the connection: even the response head's send is watched,
+    and the connection is closed exactly ``stall_timeout`` after the request."""
+    port = UpstreamPort()
+    async with trio.open_nursery() as nursery:
+        client, proxy_side = trio.testing.lockstep_stream_pair()
+        connection_done = trio.Event()
+
+        async def proxy() -> None:
+            await handle_connection(proxy_side, CONFIG, open_upstream=port.open_upstream)
+            connection_done.set()
+
+        async def big_origin(stream: trio.abc.Stream, conn: h11.Connection) -> None:
+            await read_h11_message(stream, conn)
+            big = h11.Response(status_code=200, headers=[("Content-Length", "10000000")])
+            with contextlib.suppress(trio.BrokenResourceError):
+                await send_h11_message(stream, conn, big, b"x" * 10_000_000)
+
+        nursery.start_soon(proxy)
+        nursery.start_soon(serve_one, port, big_origin)
+        conn = h11.Connection(h11.CLIENT)
+        await send_h11_message(client, conn, GET)
+        request_sent = trio.current_time()
+        with trio.move_on_after(NEVER):
+            await connection_done.wait()
+        assert trio.current_time() == request_sent + 120.0
+        nursery.cancel_scope.cancel()

@@ -283,13 +283,14 @@ async def _relay_messages(
             nursery.start_soon(send_request_body)
             response = await _receive_response_head(client, upstream, request, head_deadline)
             record.status = response.status_code
-            await client.send(
-                h11.Response(
-                    status_code=response.status_code,
-                    headers=client_response_headers(response.headers.raw_items()),
-                    reason=response.reason,
+            with watchdog.guard():
+                await client.send(
+                    h11.Response(
+                        status_code=response.status_code,
+                        headers=client_response_headers(response.headers.raw_items()),
+                        reason=response.reason,
+                    )
                 )
-            )
             await relay_body(
                 upstream,
                 client,

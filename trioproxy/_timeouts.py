@@ -20,11 +20,27 @@ Three clocks guard a connection, each against a different way of holding it:
 
 Waiting for the response head is not a stall: ``upstream_timeout`` covers it,
 and the watchdog is idle while no pump runs.
+
+What counts as movement: a chunk read, or a chunk written in full. A read
+returns as soon as any byte arrives, but ``send_all`` of one chunk reports
+only at its end, so a receiver slower than ``read_size / stall_timeout``
+(64 KiB / 120 s, about 550 bytes/s, with the defaults) is judged stalled
+even though it still trickles. That is a minimum rate, close to Apache
+mod_reqtimeout's ``MinRate=500`` for bodies, and it is deliberate: a client
+that slow is more likely a slow-read attack than a download.
+
+Sending the response head runs under the watchdog too (``guard``): a client
+that reads nothing at all must not hold the connection by never taking it.
+
+A stalled upload (before the response head) is answered 504, whichever side
+stopped: a client that stops sending and an upstream that stops reading look
+the same from here without more bookkeeping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import h11
 import trio
@@ -100,14 +116,27 @@ class StallWatchdog:
     def __init__(self, progress: Sequence[Progress], timeout: float) -> None:
         self._progress = progress
         self._timeout = timeout
+        self._guard = Progress()
         self.stalled = False
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Watch a write outside the pumps (a response head) as if a pump ran it."""
+        self._guard.running = True
+        self._guard.moved()
+        try:
+            yield
+        finally:
+            self._guard.running = False
+            self._guard.moved()
 
     async def watch(self, scope: trio.CancelScope) -> None:
         """Run until the stall deadline passes, then cancel ``scope``; else forever."""
+        watched = [*self._progress, self._guard]
         while True:
             now = trio.current_time()
-            deadline = max(p.last_moved for p in self._progress) + self._timeout
-            if now >= deadline and any(p.running for p in self._progress):
+            deadline = max(p.last_moved for p in watched) + self._timeout
+            if now >= deadline and any(p.running for p in watched):
                 self.stalled = True
                 scope.cancel()
                 return
