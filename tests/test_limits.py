@@ -7,10 +7,12 @@ import functools
 import logging
 import resource
 
+import h11
 import pytest
 import trio
 import trio.testing
 
+import trioproxy
 from trioproxy._limits import (
     ACCEPT_RETRY_SECONDS,
     descriptors_needed,
@@ -19,6 +21,7 @@ from trioproxy._limits import (
 )
 
 from .fakes import FakeListener, HeldConnections, Stream
+from .helpers import serve_origin, start_proxy
 
 
 async def test_connection_beyond_limit_waits_until_one_ends() -> None:
@@ -185,3 +188,32 @@ def test_open_file_limit_raised_to_hard_limit() -> None:
 def test_descriptors_needed_counts_both_sides() -> None:
     """Each connection needs two descriptors, plus a fixed spare."""
     assert descriptors_needed(1024) - descriptors_needed(1000) == 48
+
+
+async def test_serve_applies_max_connections() -> None:
+    """``serve`` with max_connections=1: while one keep-alive client holds its
+    connection, a second client's request gets no answer; it is answered as
+    soon as the first connection closes."""
+
+    async def hello(
+        request: h11.Request, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        return 200, [], b"hello"
+
+    request = b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        origin_port = await nursery.start(serve_origin, hello)
+        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig(max_connections=1))
+        first = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+        await first.send_all(request % origin_port)
+        assert (await first.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        second = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+        await second.send_all(request % origin_port)
+        with trio.move_on_after(0.3):  # real time: a bug would answer within it
+            await second.receive_some(65536)
+            raise AssertionError("the second connection was served beyond the limit")
+        await first.aclose()
+        with trio.fail_after(10):
+            assert (await second.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        await second.aclose()
+        nursery.cancel_scope.cancel()
