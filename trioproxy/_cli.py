@@ -11,7 +11,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
 import trio
@@ -244,26 +244,31 @@ async def _run(config: ProxyConfig) -> None:
         first_signal = trio.Event()
         async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if first_signal.is_set():
-                        logger.warning("second %s: stopping now", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        return
-                    logger.info("%s: shutting down", signal.Signals(signum).name)
-                    first_signal.set()
-
             async def serve_then_stop(
                 task_status: trio.TaskStatus[list[trio.SocketListener]],
             ) -> None:
                 await serve(config, shutdown_trigger=first_signal.wait, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
 
-            nursery.start_soon(watch_signals)
+            nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
             listeners = await nursery.start(serve_then_stop)
             host, port = listeners[0].socket.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             print(f"trioproxy listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], first_signal: trio.Event, everything: trio.CancelScope
+) -> None:
+    """Set ``first_signal`` on the first signal; cancel ``everything`` on the second."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if first_signal.is_set():
+            logger.warning("second signal (%s): stopping now", name)
+            everything.cancel()
+            return
+        logger.info("%s: shutting down", name)
+        first_signal.set()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
