@@ -19,8 +19,9 @@ from trioproxy._accesslog import (
     JsonFormatter,
     format_text,
     log_access,
+    logged_exchange,
 )
-from trioproxy._errors import BadGateway, GatewayTimeout
+from trioproxy._errors import BadGateway, ClientGone, GatewayTimeout
 
 from .helpers import UpstreamPort, read_h11_message, send_h11_message
 
@@ -262,3 +263,22 @@ async def test_connection_without_request_is_not_logged(
         nursery.start_soon(handle_connection, proxy_side, trioproxy.ProxyConfig())
         await client.aclose()
     assert access_records(caplog) == []
+
+
+async def test_logged_exchange_reasons_for_each_ending(caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever ends the block, exactly one line is logged and the exception
+    passes on: client gone, a bug (internal error), and cancellation."""
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    with pytest.raises(ClientGone), logged_exchange("192.0.2.1"):
+        raise ClientGone("reset by peer")
+    with pytest.raises(ZeroDivisionError), logged_exchange("192.0.2.1"):
+        raise ZeroDivisionError
+    with trio.CancelScope() as scope, logged_exchange("192.0.2.1"):
+        scope.cancel()
+        await trio.lowlevel.checkpoint()
+    reasons = [line.getMessage().split("reason=")[1] for line in access_records(caplog)]
+    assert reasons == [
+        '"client gone: reset by peer"',
+        '"internal error: ZeroDivisionError"',
+        '"cancelled"',
+    ]
