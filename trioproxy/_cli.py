@@ -9,14 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
 import trio
 
+from ._accesslog import JsonFormatter, access_logger
 from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_MAX_HEAD_SIZE, DEFAULT_READ_SIZE, ProxyConfig
+from ._limits import descriptors_needed, raise_open_file_limit
 from ._server import serve
+
+logger = logging.getLogger("trioproxy")
+
+_DEFAULTS = ProxyConfig()
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_ACCESS_TEXT_FORMAT = "%(asctime)s %(message)s"
 
 _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
 # Binary multiples throughout: a buffer size is a memory size.
@@ -92,24 +101,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        default=10.0,
+        default=_DEFAULTS.connect_timeout,
         metavar="SECONDS",
         help="time to connect to the upstream (then 504)",
     )
     parser.add_argument(
         "--upstream-timeout",
         type=float,
-        default=60.0,
+        default=_DEFAULTS.upstream_timeout,
         metavar="SECONDS",
         help="time from the end of the request to the upstream's response head (then 504)",
+    )
+    _add_operations_arguments(parser)
+    return parser
+
+
+def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
+    """Timeouts, limits, shutdown and logging: what makes it safe to expose."""
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_DEFAULTS.header_timeout,
+        metavar="SECONDS",
+        help="time for a whole request head from its first byte, never extended (then 408)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=_DEFAULTS.idle_timeout,
+        metavar="SECONDS",
+        help="time a keep-alive connection may wait for its next request (then closed)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=_DEFAULTS.stall_timeout,
+        metavar="SECONDS",
+        help="time a body relay may go without a byte moving either way (then 504 or abort)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULTS.max_connections,
+        metavar="N",
+        help="client connections served at once; more wait in the kernel's backlog",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=_DEFAULTS.shutdown_timeout,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, time in-flight requests get before they are cut; "
+        "a second signal cuts them at once",
     )
     parser.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
-        help="logging level",
+        help="level of the diagnostic log (stderr)",
     )
-    return parser
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="format of the diagnostic and access logs",
+    )
+    parser.add_argument(
+        "--access-log",
+        default="-",
+        metavar="PATH|-|off",
+        help="where to append one line per request: a file, - for stderr, or off",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -124,15 +186,89 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_head_size=args.max_head_size,
         connect_timeout=args.connect_timeout,
         upstream_timeout=args.upstream_timeout,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        stall_timeout=args.stall_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
+def configure_logging(args: argparse.Namespace) -> None:
+    """Diagnostics to stderr at ``--log-level``; the access log at info level
+    to ``--access-log``, whatever ``--log-level`` says, and not duplicated
+    into the diagnostics."""
+
+    def formatter(text_format: str) -> logging.Formatter:
+        return JsonFormatter() if args.log_format == "json" else logging.Formatter(text_format)
+
+    diagnostics = logging.StreamHandler(sys.stderr)
+    diagnostics.setFormatter(formatter(_TEXT_FORMAT))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[diagnostics], force=True)
+    access_logger.propagate = False
+    for old in list(access_logger.handlers):
+        access_logger.removeHandler(old)
+    if args.access_log == "off":
+        access_logger.setLevel(logging.CRITICAL + 1)
+        return
+    access_handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr)
+        if args.access_log == "-"
+        else logging.FileHandler(args.access_log, encoding="utf-8")
+    )
+    access_handler.setFormatter(formatter(_ACCESS_TEXT_FORMAT))
+    access_logger.addHandler(access_handler)
+    access_logger.setLevel(logging.INFO)
+
+
+def _check_open_file_limit(config: ProxyConfig) -> None:
+    limit = raise_open_file_limit()
+    if limit is None:
+        return
+    logger.info("open file limit: %d", limit)
+    needed = descriptors_needed(config.max_connections)
+    if limit < needed:
+        logger.warning(
+            "open file limit %d is below the %d that --max-connections %d may need",
+            limit,
+            needed,
+            config.max_connections,
+        )
+
+
 async def _run(config: ProxyConfig) -> None:
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve, config)
-        host, port = listeners[0].socket.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"trioproxy listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+    """Serve until a signal: the first drains (``--shutdown-timeout``), a second
+    one cuts everything at once. Both end with exit status 0: the stop was
+    asked for, and a supervisor should not count it as a crash."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        first_signal = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(
+                task_status: trio.TaskStatus[list[trio.SocketListener]],
+            ) -> None:
+                await serve(config, shutdown_trigger=first_signal.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop watching signals
+
+            nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
+            listeners = await nursery.start(serve_then_stop)
+            host, port = listeners[0].socket.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"trioproxy listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], first_signal: trio.Event, everything: trio.CancelScope
+) -> None:
+    """Set ``first_signal`` on the first signal; cancel ``everything`` on the second."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if first_signal.is_set():
+            logger.warning("second signal (%s): stopping now", name)
+            everything.cancel()
+            return
+        logger.info("%s: shutting down", name)
+        first_signal.set()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -143,9 +279,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        configure_logging(args)
+    except OSError as exc:
+        parser.exit(1, f"trioproxy: error: cannot open the access log: {exc}\n")
+    _check_open_file_limit(config)
     try:
         trio.run(_run, config)
     except OSError as exc:

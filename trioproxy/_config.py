@@ -32,6 +32,11 @@ def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> N
         raise ValueError(f"{attribute.name} must be greater than 0, got {value!r}")
 
 
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, got {value!r}")
+
+
 def _in_range(low: int, high: int) -> Any:
     def check(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         if not low <= value <= high:
@@ -108,6 +113,33 @@ class ProxyConfig:
     # Seconds from the end of the request body to the upstream's response
     # head; past it: 504. Generous, as for nginx's proxy_read_timeout.
     upstream_timeout: float = attrs.field(default=60.0, validator=_positive)
+
+    # --- Safe to expose: timeouts, limits, shutdown (issue 3) ---
+    # Seconds for a whole request head, counted from its first byte (on a new
+    # connection: from the accept); past it: 408 and close. It is never
+    # extended by trickled bytes, so a slowloris client holds a connection at
+    # most this long. 20 s, as Apache's mod_reqtimeout header=20: ample for a
+    # head of a few KiB over any real link, short for an attacker.
+    header_timeout: float = attrs.field(default=20.0, validator=_positive)
+    # Seconds a keep-alive connection may wait for the first byte of its next
+    # request; past it: closed silently. nginx's keepalive_timeout is 75 s and
+    # browsers keep idle connections for 60-300 s; 75 s lets a browser's
+    # periodic requests reuse a connection without holding idle ones forever.
+    idle_timeout: float = attrs.field(default=75.0, validator=_positive)
+    # Seconds during a body relay (either direction) in which no byte moves in
+    # either direction; past it the exchange ends (504 before the response
+    # head, an aborted response after). Like nginx's proxy_read_timeout and
+    # send_timeout (60 s each); 120 s gives slow mobile clients room.
+    stall_timeout: float = attrs.field(default=120.0, validator=_positive)
+    # Client connections served at once; more wait in the kernel's backlog.
+    # Each may hold 2 x (buffer_chunks + 2) x read_size payload bytes (768 KiB
+    # with the defaults), so 1024 connections cap payload memory at 768 MiB,
+    # and use about 2048 file descriptors (client + upstream).
+    max_connections: int = attrs.field(default=1024, validator=_in_range(1, 1_000_000))
+    # Seconds that in-flight requests may take to finish after SIGTERM/SIGINT
+    # before they are cancelled; 10 s, as systemd's and Kubernetes' grace
+    # periods (90 s and 30 s) leave room for it.
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_non_negative)
 
     @property
     def mode(self) -> str:

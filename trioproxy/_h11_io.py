@@ -49,14 +49,31 @@ class H11Endpoint:
                 raise self._protocol_error(exc) from exc
             if event is not h11.NEED_DATA:
                 return event
-            try:
-                data = bytes(await self.stream.receive_some(self.read_size))
-            except _STREAM_ERRORS as exc:
-                raise self._stream_error(exc) from exc
-            try:
-                self.conn.receive_data(data)
-            except h11.RemoteProtocolError as exc:
-                raise self._protocol_error(exc) from exc
+            await self.receive_once()
+
+    async def receive_once(self) -> None:
+        """Read once from the stream and hand the bytes (or EOF) to h11.
+
+        Cancelling it loses no data: trio's ``receive_some`` either returns
+        bytes or, cancelled, has taken none.
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
+        try:
+            data = bytes(await self.stream.receive_some(self.read_size))
+        except _STREAM_ERRORS as exc:
+            raise self._stream_error(exc) from exc
+        try:
+            self.conn.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            raise self._protocol_error(exc) from exc
+
+    @property
+    def has_unparsed_data(self) -> bool:
+        """True when h11 holds received bytes (or EOF) it has not turned into events."""
+        data, closed = self.conn.trailing_data
+        return bool(data) or closed
 
     async def send(self, event: h11.Event) -> None:
         """Frame ``event`` with h11 and write it to the stream.

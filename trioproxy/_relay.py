@@ -73,6 +73,31 @@ class BufferGauge:
         self.held -= size
 
 
+@attrs.define
+class Progress:
+    """How far one pump has got, for watchers such as a stall watchdog.
+
+    The pump writes these plain counters as chunks move; other tasks read
+    them. No callback runs inside the pump, so a watcher cannot slow it down
+    or break it.
+
+    Attributes:
+        bytes_read: payload bytes taken from the source.
+        bytes_written: payload bytes written to the sink.
+        last_moved: ``trio.current_time()`` when a chunk was last read or
+            written, or when the pump started.
+        running: True between the pump's start and its end.
+    """
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    last_moved: float = -math.inf
+    running: bool = False
+
+    def moved(self) -> None:
+        self.last_moved = trio.current_time()
+
+
 class Pump:
     """One bounded transfer from a read callable to a write callable.
 
@@ -85,14 +110,22 @@ class Pump:
     Args:
         buffer_chunks: the channel's capacity, N >= 1 (never ``math.inf``).
         gauge: counts the bytes held; shared between pumps if given.
+        progress: updated as chunks move, for watchers in other tasks.
     """
 
-    def __init__(self, *, buffer_chunks: int, gauge: BufferGauge | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        buffer_chunks: int,
+        gauge: BufferGauge | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         if not 1 <= buffer_chunks < math.inf:
             raise ValueError(f"buffer_chunks must be a finite number >= 1, got {buffer_chunks}")
         self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](buffer_chunks)
         self._capacity = buffer_chunks
         self.gauge = gauge if gauge is not None else BufferGauge()
+        self.progress = progress if progress is not None else Progress()
         self._bytes = 0
         self._chunks = 0
         self._waits = 0
@@ -115,16 +148,23 @@ class Pump:
         Error handling: the first exception of either side cancels the other
         and is raised as itself (not wrapped in an ExceptionGroup).
         """
-        with collapse_single_error():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_side, read)
-                nursery.start_soon(self._write_side, write)
+        self.progress.running = True
+        self.progress.moved()
+        try:
+            with collapse_single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_side, read)
+                    nursery.start_soon(self._write_side, write)
+        finally:
+            self.progress.running = False
         return self.statistics()
 
     async def _read_side(self, read: ReadChunk) -> None:
         with self._send_channel:
             while chunk := await read():
                 self.gauge.add(len(chunk))
+                self.progress.bytes_read += len(chunk)
+                self.progress.moved()
                 try:
                     self._send_channel.send_nowait(chunk)
                 except trio.WouldBlock:
@@ -145,6 +185,8 @@ class Pump:
                 self.gauge.remove(len(chunk))
                 self._bytes += len(chunk)
                 self._chunks += 1
+                self.progress.bytes_written += len(chunk)
+                self.progress.moved()
 
 
 @contextmanager
@@ -235,6 +277,7 @@ async def relay_body(
     *,
     buffer_chunks: int,
     gauge: BufferGauge | None = None,
+    progress: Progress | None = None,
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -250,6 +293,13 @@ async def relay_body(
         ProxyError or ClientGone: from either side, as its endpoint translates
         them. If the source fails, the sink's message is left unfinished, so
         the receiver can tell the body is incomplete.
+
+    Args:
+        source: the endpoint whose message body is read.
+        sink: the endpoint whose message body is written.
+        buffer_chunks: the pump's channel capacity N.
+        gauge: a shared counter of bytes held.
+        progress: updated as chunks move (see ``Progress``).
     """
 
     async def read() -> bytes:
@@ -266,6 +316,7 @@ async def relay_body(
     async def write(chunk: bytes) -> None:
         await sink.send(h11.Data(data=chunk))
 
-    statistics = await Pump(buffer_chunks=buffer_chunks, gauge=gauge).run(read, write)
+    pump = Pump(buffer_chunks=buffer_chunks, gauge=gauge, progress=progress)
+    statistics = await pump.run(read, write)
     await sink.send(h11.EndOfMessage())
     return statistics

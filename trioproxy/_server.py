@@ -22,19 +22,24 @@ closed with the body unfinished, so the client sees an incomplete transfer
 (h11's framing guarantees it: a short Content-Length body or a chunked body
 without its last chunk). Nothing a peer does escapes ``handle_connection``;
 ``serve`` never sees a handler exception.
+
+What makes it safe to expose lives in modules of its own, called from here in
+a few lines: ``_timeouts`` (idle, request head, body stall), ``_limits``
+(connection limit, accept loop), ``_shutdown`` (the drain) and ``_accesslog``
+(one line per request).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import h11
 import trio
 
+from ._accesslog import AccessRecord, logged_exchange
 from ._config import ProxyConfig
 from ._errors import BadGateway, ClientGone, GatewayTimeout, MethodNotAllowed, ProxyError
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
@@ -50,7 +55,9 @@ from ._http import (
     upstream_request_headers,
 )
 from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
+from ._timeouts import StallWatchdog, read_request_head, wait_for_request
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 logger = logging.getLogger("trioproxy")
@@ -86,6 +93,7 @@ class _Context:
     open_upstream: OpenUpstream
     meters: ProxyMeters
     client_host: str | None
+    shutdown: Shutdown
 
 
 async def handle_connection(
@@ -94,6 +102,7 @@ async def handle_connection(
     *,
     open_upstream: OpenUpstream = open_tcp_upstream,
     meters: ProxyMeters | None = None,
+    shutdown: Shutdown | None = None,
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -108,9 +117,11 @@ async def handle_connection(
         config: sizes, timeouts and mode.
         open_upstream: connector ``(host, port) -> Stream``; TCP by default.
         meters: counters of bytes held, shared across connections if given.
+        shutdown: the server's draining state; when it drains, an idle
+            connection closes at once and a busy one after its exchange.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
-    is answered or logged at debug level; a bug in trioproxy is logged with
+    is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
     its traceback, and only this connection ends.
     """
     context = _Context(
@@ -118,6 +129,7 @@ async def handle_connection(
         open_upstream=open_upstream,
         meters=meters if meters is not None else ProxyMeters(),
         client_host=_peer_host(stream),
+        shutdown=shutdown if shutdown is not None else Shutdown(),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(stream, conn, read_size=config.read_size)
@@ -132,18 +144,36 @@ async def handle_connection(
 
 
 async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
-    """Run exchanges on one client connection until it must close."""
+    """Run exchanges on one client connection until it must close.
+
+    Timeouts (idle, request head) are applied by ``_timeouts``; each request
+    gets one access log line (``_accesslog``).
+    """
+    first = True
     while True:
-        try:
-            event = await client.next_event()
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed before a new request: a clean goodbye.
-            if event.method == b"CONNECT":
-                await _serve_connect(client, event, context)
-                return
-            await _exchange(client, event, context)
-        except ProxyError as error:
-            await _end_with_error(client, error)
+        head_deadline = await wait_for_request(
+            client, context.config, context.shutdown, first=first
+        )
+        if head_deadline is None:
+            return  # idle for too long, or the server is draining: close silently.
+        first = False
+        failure: ProxyError | None = None
+        with logged_exchange(context.client_host) as record:
+            try:
+                event = await read_request_head(client, context.config, head_deadline)
+                if not isinstance(event, h11.Request):
+                    record.enabled = False
+                    return  # ConnectionClosed before a new request: a clean goodbye.
+                record.set_request(event)
+                if event.method == b"CONNECT":
+                    await _serve_connect(client, event, context, record)
+                    return
+                await _exchange(client, event, context, record)
+            except ProxyError as error:
+                record.set_error(error, answered=client.can_respond)
+                failure = error
+        if failure is not None:  # logged above; answering and lingering are not timed
+            await _end_with_error(client, failure)
             return
         if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE:
             return
@@ -153,9 +183,9 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
 async def _end_with_error(client: ClientEndpoint, error: ProxyError) -> None:
     """Answer ``error`` if no response has started, else abort; then linger."""
     if not client.can_respond:
-        logger.info("aborting response after it started: %s", error.message)
+        logger.debug("aborting response after it started: %s", error.message)
         return
-    logger.info("answering %d: %s", error.status_code, error.message)
+    logger.debug("answering %d: %s", error.status_code, error.message)
     response, body = error_response(error)
     try:
         await client.send(response)
@@ -186,12 +216,15 @@ async def _linger(stream: trio.abc.Stream) -> None:
             return
 
 
-async def _serve_connect(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
+async def _serve_connect(
+    client: ClientEndpoint, request: h11.Request, context: _Context, record: AccessRecord
+) -> None:
     """Open a tunnel to the CONNECT target, or raise the error to answer."""
     if context.config.upstream is not None:
         raise MethodNotAllowed("CONNECT is not available on a reverse proxy")
     target = connect_target(request.target)
     check_connect_target(target, context.config)
+    record.set_upstream(target.host, target.port)
     await receive_connect_end(client)
     upstream_stream = await _connect(target, context)
     try:
@@ -200,9 +233,12 @@ async def _serve_connect(client: ClientEndpoint, request: h11.Request, context: 
         await trio.aclose_forcefully(upstream_stream)
 
 
-async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
+async def _exchange(
+    client: ClientEndpoint, request: h11.Request, context: _Context, record: AccessRecord
+) -> None:
     """Forward one request and its response; see the module comment."""
     target = _target_for(request, context.config)
+    record.set_upstream(target.host, target.port)
     upstream_stream = await _connect(target, context)
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
@@ -215,7 +251,7 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
         )
         headers += upgrade_fields(request.headers.raw_items())
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
-        await _relay_messages(client, upstream, request, context)
+        await _relay_messages(client, upstream, request, context, record)
     finally:
         await trio.aclose_forcefully(upstream_stream)
 
@@ -239,16 +275,20 @@ async def _relay_messages(
     upstream: UpstreamEndpoint,
     request: h11.Request,
     context: _Context,
+    record: AccessRecord,
 ) -> None:
     """Pump the request body up while the response comes down.
 
     The response may start before the request body ends (an upstream may
     answer early, e.g. 413); when the response is complete, an unfinished
-    upload is abandoned and the client connection will close.
+    upload is abandoned and the client connection will close. A stall (no
+    byte moving either way for ``stall_timeout`` during a body) ends the
+    exchange with a 504, or an aborted response once it has begun.
     """
     config = context.config
     head_deadline = trio.CancelScope()
     request_sent = trio.Event()
+    watchdog = StallWatchdog([record.request_body, record.response_body], config.stall_timeout)
 
     async def send_request_body() -> None:
         try:
@@ -257,6 +297,7 @@ async def _relay_messages(
                 upstream,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.request_bodies,
+                progress=record.request_body,
             )
         except BadGateway as exc:
             # The upstream stopped reading; its response (or its silence)
@@ -267,6 +308,7 @@ async def _relay_messages(
 
     with collapse_single_error():
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.watch, nursery.cancel_scope)
             nursery.start_soon(send_request_body)
             response = await _receive_response_head(client, upstream, request, head_deadline)
             if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
@@ -274,24 +316,31 @@ async def _relay_messages(
                 # sends 101 and then neither reads the body nor closes stalls
                 # here, as it would stall any upload.
                 await request_sent.wait()
+                record.status = response.status_code
                 await tunnel_after_upgrade(
                     client, upstream, response, config, context.meters.tunnels
                 )
+                nursery.cancel_scope.cancel()  # the stall watchdog ends with the exchange
                 return
-            await client.send(
-                h11.Response(
-                    status_code=response.status_code,
-                    headers=client_response_headers(response.headers.raw_items()),
-                    reason=response.reason,
+            record.status = response.status_code
+            with watchdog.guard():
+                await client.send(
+                    h11.Response(
+                        status_code=response.status_code,
+                        headers=client_response_headers(response.headers.raw_items()),
+                        reason=response.reason,
+                    )
                 )
-            )
             await relay_body(
                 upstream,
                 client,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.response_bodies,
+                progress=record.response_body,
             )
             nursery.cancel_scope.cancel()
+    if watchdog.stalled:
+        raise GatewayTimeout(f"no byte moved for {config.stall_timeout:g} s")
 
 
 async def _receive_response_head(
@@ -347,22 +396,35 @@ async def serve(
     *,
     open_upstream: OpenUpstream = open_tcp_upstream,
     meters: ProxyMeters | None = None,
+    shutdown_trigger: ShutdownTrigger | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``config.listen_host:listen_port`` and serve until cancelled.
+    """Listen on ``config.listen_host:listen_port`` and serve until cancelled,
+    or until ``shutdown_trigger()`` returns and the server has drained.
 
     Use ``await nursery.start(serve, config)`` to get the listeners (and so
     the real port when ``listen_port`` is 0) once they accept connections.
 
-    Resource handling: each connection runs ``handle_connection`` in the
-    listeners' nursery and is closed when it ends; cancelling ``serve``
-    closes the listeners and every connection.
+    Resource handling: at most ``config.max_connections`` connections are
+    served at once (see ``_limits``); each runs ``handle_connection`` and is
+    closed when it ends. Cancelling ``serve`` closes the listeners and every
+    connection; a shutdown trigger closes the listeners at once and gives
+    in-flight exchanges ``config.shutdown_timeout`` seconds (see ``_shutdown``).
     """
     shared_meters = meters if meters is not None else ProxyMeters()
+    shutdown = Shutdown()
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(stream, config, open_upstream=open_upstream, meters=shared_meters)
+        await handle_connection(
+            stream, config, open_upstream=open_upstream, meters=shared_meters, shutdown=shutdown
+        )
 
-    serve_listeners: Callable[..., Awaitable[None]] = trio.serve_listeners
-    await serve_listeners(handler, listeners, task_status=task_status)
+    await serve_until_shutdown(
+        handler,
+        listeners,
+        config=config,
+        shutdown=shutdown,
+        trigger=shutdown_trigger,
+        task_status=task_status,
+    )

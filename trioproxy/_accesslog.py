@@ -1,0 +1,177 @@
+"""The access log: one line per request, on the ``trioproxy.access`` logger.
+
+Each exchange fills an ``AccessRecord`` as it goes (request line, upstream,
+status, body byte counters) and ``logged_exchange`` emits it once when the
+exchange ends, however it ends: answered, refused with an error status,
+aborted, left by the client, or cancelled by shutdown. Expected peer
+misbehaviour becomes a ``reason`` on that one line, never a traceback.
+
+The message is a logfmt-style line (``key=value``, strings JSON-quoted),
+readable by people and by ``grep``; the fields also travel on the log record
+as ``record.access`` (a dict), which ``JsonFormatter`` turns into one JSON
+object per line for log collectors.
+
+Durations use trio's clock, counted from the first byte of the request head,
+as nginx's ``$request_time``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from ._errors import ClientGone, ProxyError
+from ._relay import Progress
+
+access_logger = logging.getLogger("trioproxy.access")
+
+# The longest request target written to the log, in characters; longer ones
+# are cut and marked. A target may be as long as a request head (64 KiB by
+# default): one request must not be able to write that much per log line.
+MAX_LOGGED_TARGET = 1000
+
+
+@attrs.define
+class AccessRecord:
+    """What is known about one exchange, filled in as it goes.
+
+    Attributes:
+        client: the client's address, or None for non-IP streams.
+        started: ``trio.current_time()`` at the first byte of the request.
+        method: the request method, once the head is read.
+        target: the request target as sent, once the head is read.
+        upstream: ``host:port`` of the upstream, once chosen.
+        status: the status sent to the client (or that was being sent when
+            the response was aborted); None if no response began.
+        reason: why the exchange failed; None for a success.
+        request_body: the request body pump's progress (bytes read = in).
+        response_body: the response body pump's progress (bytes written = out).
+        enabled: False for a connection that ended before a request.
+    """
+
+    client: str | None
+    started: float
+    method: str | None = None
+    target: str | None = None
+    upstream: str | None = None
+    status: int | None = None
+    reason: str | None = None
+    request_body: Progress = attrs.Factory(Progress)
+    response_body: Progress = attrs.Factory(Progress)
+    enabled: bool = True
+
+    def set_request(self, request: h11.Request) -> None:
+        self.method = request.method.decode("ascii", "backslashreplace")
+        self.target = _shorten(request.target.decode("ascii", "backslashreplace"))
+
+    def set_upstream(self, host: str, port: int) -> None:
+        self.upstream = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def set_error(self, error: ProxyError, *, answered: bool) -> None:
+        """Record ``error``; ``answered`` is True when it gets its own response."""
+        if answered:
+            self.status = error.status_code
+            self.reason = error.message
+        else:
+            self.reason = f"response aborted: {error.message}"
+
+    def fields(self, now: float) -> dict[str, Any]:
+        """The log fields, in order, with the duration up to ``now``."""
+        return {
+            "client": self.client,
+            "method": self.method,
+            "target": self.target,
+            "status": self.status,
+            "bytes_in": self.request_body.bytes_read,
+            "bytes_out": self.response_body.bytes_written,
+            "duration": round(now - self.started, 6),
+            "upstream": self.upstream,
+            "reason": self.reason,
+        }
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= MAX_LOGGED_TARGET:
+        return text
+    return text[:MAX_LOGGED_TARGET] + "..."
+
+
+def format_text(fields: dict[str, Any]) -> str:
+    """``client=... method=... target="..." status=200 ...``; None shows as ``-``."""
+    parts = []
+    for key, value in fields.items():
+        if key == "reason" and value is None:
+            continue
+        if value is None:
+            shown = "-"
+        elif isinstance(value, str) and key in ("target", "reason"):
+            shown = json.dumps(value)
+        else:
+            shown = str(value)
+        parts.append(f"{key}={shown}")
+    return " ".join(parts)
+
+
+@contextmanager
+def logged_exchange(client: str | None) -> Iterator[AccessRecord]:
+    """Yield a fresh record; log it once when the block ends, however it ends.
+
+    Error handling: never swallows an exception. ``ClientGone`` and other
+    errors only add a reason; cancellation (shutdown) is logged as such.
+    """
+    record = AccessRecord(client=client, started=trio.current_time())
+    ended_normally = False
+    try:
+        yield record
+        ended_normally = True
+    except ClientGone as exc:
+        record.reason = f"client gone: {exc}"
+        raise
+    except Exception as exc:
+        record.reason = f"internal error: {type(exc).__name__}"
+        raise
+    finally:
+        if record.enabled:
+            if record.reason is None and not ended_normally:
+                record.reason = "cancelled"
+            log_access(record)
+
+
+def log_access(record: AccessRecord) -> None:
+    """Emit ``record`` on ``trioproxy.access`` at info level."""
+    if not access_logger.isEnabledFor(logging.INFO):
+        return
+    fields = record.fields(trio.current_time())
+    access_logger.info("%s", format_text(fields), extra={"access": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, and the message's fields.
+
+    Access records contribute their fields (``record.access``); other records
+    contribute ``message`` (and ``exception`` text when there is one).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            data.update(access)
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)

@@ -1,0 +1,104 @@
+"""Graceful shutdown: stop accepting, let in-flight exchanges end, then cancel.
+
+The shape of hypercorn's ``trio/run.py``: the accept loops and the connection
+handlers live in two nurseries. When the trigger fires (the CLI's first
+SIGTERM or SIGINT), the accept nursery is cancelled, which closes the
+listening sockets at once, so new connections are refused by the kernel
+rather than accepted and dropped. Then the server drains:
+
+* connections waiting idle for their next request are closed now; nothing is
+  in flight on them (``Shutdown.idle_wait`` scopes are cancelled, and new
+  ones start cancelled);
+* exchanges in flight run on; after their response the connection closes
+  instead of waiting for another request;
+* after ``shutdown_timeout`` seconds the handler nursery is cancelled, which
+  aborts whatever is still running (clients see an incomplete body).
+
+``serve_until_shutdown`` then returns normally.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from ._config import ProxyConfig
+from ._limits import Handler, ListenerT, serve_listeners_limited
+
+logger = logging.getLogger("trioproxy")
+
+ShutdownTrigger = Callable[[], Awaitable[object]]
+
+
+class Shutdown:
+    """The draining state shared by a server's connections.
+
+    Memory: one cancel scope per connection that is waiting idle, at most.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle_scopes: set[trio.CancelScope] = set()
+
+    def begin(self) -> None:
+        """Start draining: cut every idle wait, now and from now on."""
+        self.draining = True
+        for scope in self._idle_scopes:
+            scope.cancel()
+
+    @contextmanager
+    def idle_wait(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope around a wait that shutdown may cut short."""
+        scope = trio.CancelScope()
+        if self.draining:
+            scope.cancel()
+        self._idle_scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._idle_scopes.discard(scope)
+
+
+async def serve_until_shutdown(
+    handler: Handler[Any],
+    listeners: Sequence[ListenerT],
+    *,
+    config: ProxyConfig,
+    shutdown: Shutdown,
+    trigger: ShutdownTrigger | None,
+    task_status: trio.TaskStatus[list[ListenerT]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``listeners`` (at most ``config.max_connections`` at once) until
+    ``trigger()`` returns; then drain for ``config.shutdown_timeout`` seconds.
+
+    Without a trigger it serves until cancelled. Cancelling it at any time
+    closes the listeners and every connection at once.
+    """
+    limiter = trio.CapacityLimiter(config.max_connections)
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as accepting:
+            serve_all = functools.partial(
+                serve_listeners_limited,
+                handler,
+                listeners,
+                limiter=limiter,
+                handler_nursery=handlers,
+            )
+            await accepting.start(serve_all)
+            task_status.started(list(listeners))
+            await (trigger or trio.sleep_forever)()
+            accepting.cancel_scope.cancel()
+        logger.info(
+            "shutting down: stopped accepting; waiting up to %g s for %d connections",
+            config.shutdown_timeout,
+            limiter.borrowed_tokens,
+        )
+        shutdown.begin()
+        handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+    logger.info("shutdown complete")
