@@ -32,6 +32,15 @@ _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
 _SIZE_FACTORS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts read stderr.
@@ -63,19 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
             "A streaming HTTP/1.1 proxy whose memory per connection is bounded: "
             "(buffer-chunks + 2) x read-size bytes per direction."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--listen",
         type=parse_listen,
-        default=("127.0.0.1", 8080),
+        default="127.0.0.1:8080",  # argparse passes string defaults through type
         metavar="HOST:PORT",
         help="address to listen on; port 0 picks a free port",
     )
     parser.add_argument(
         "--upstream",
         metavar="URL",
-        help="reverse mode: send every request to this http://host:port (default: forward proxy)",
+        help="reverse mode: send every request to this http://host:port (else: forward proxy)",
     )
     parser.add_argument(
         "--read-size",
