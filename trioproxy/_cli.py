@@ -15,7 +15,13 @@ from typing import NoReturn
 
 import trio
 
-from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_MAX_HEAD_SIZE, DEFAULT_READ_SIZE, ProxyConfig
+from ._config import (
+    DEFAULT_BUFFER_CHUNKS,
+    DEFAULT_MAX_BUFFER_MEMORY,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_READ_SIZE,
+    ProxyConfig,
+)
 from ._server import serve
 
 _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
@@ -103,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time from the end of the request to the upstream's response head (then 504)",
     )
+    # --- memory budget and metrics (issue 4) ---
+    parser.add_argument(
+        "--max-buffer-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_BUFFER_MEMORY,
+        metavar="BYTES",
+        help="payload bytes all connections together may buffer; readers wait beyond it",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=parse_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+    )
+    # --- end memory budget and metrics ---
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -124,6 +146,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_head_size=args.max_head_size,
         connect_timeout=args.connect_timeout,
         upstream_timeout=args.upstream_timeout,
+        max_buffer_memory=args.max_buffer_memory,
+        metrics_listen=args.metrics,
     )
 
 

@@ -44,7 +44,9 @@ from ._http import (
     reverse_target,
     upstream_request_headers,
 )
-from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._memory import trim_heap_when_idle
+from ._metrics import ProxyMeters, serve_metrics
+from ._relay import collapse_single_error, relay_body
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 logger = logging.getLogger("trioproxy")
@@ -55,19 +57,6 @@ logger = logging.getLogger("trioproxy")
 # before the client reads it (the "lingering close" of nginx and Apache).
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 1024 * 1024
-
-
-@attrs.define
-class ProxyMeters:
-    """Payload bytes held by the pumps, per direction, for tests and metrics.
-
-    Attributes:
-        request_bodies: bytes read from clients, not yet written upstream.
-        response_bodies: bytes read from upstreams, not yet written to clients.
-    """
-
-    request_bodies: BufferGauge = attrs.Factory(BufferGauge)
-    response_bodies: BufferGauge = attrs.Factory(BufferGauge)
 
 
 @attrs.frozen
@@ -99,7 +88,8 @@ async def handle_connection(
         stream: the client connection; closed when this returns.
         config: sizes, timeouts and mode.
         open_upstream: connector ``(host, port) -> Stream``; TCP by default.
-        meters: counters of bytes held, shared across connections if given.
+        meters: counters and the memory budget, shared across connections
+            if given; else this connection gets its own.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered or logged at debug level; a bug in trioproxy is logged with
@@ -108,11 +98,12 @@ async def handle_connection(
     context = _Context(
         config=config,
         open_upstream=open_upstream,
-        meters=meters if meters is not None else ProxyMeters(),
+        meters=meters if meters is not None else ProxyMeters.for_config(config),
         client_host=_peer_host(stream),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(stream, conn, read_size=config.read_size)
+    context.meters.client_connections += 1
     try:
         await _serve_requests(client, context)
     except ClientGone as exc:
@@ -120,6 +111,7 @@ async def handle_connection(
     except Exception:
         logger.exception("bug: unexpected error serving client %s", context.client_host)
     finally:
+        context.meters.client_connections -= 1
         await trio.aclose_forcefully(stream)
 
 
@@ -132,19 +124,21 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
                 return  # ConnectionClosed before a new request: a clean goodbye.
             await _exchange(client, event, context)
         except ProxyError as error:
-            await _end_with_error(client, error)
+            context.meters.count_failure(error.status_code)
+            await _end_with_error(client, error, context.meters)
             return
         if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE:
             return
         client.conn.start_next_cycle()
 
 
-async def _end_with_error(client: ClientEndpoint, error: ProxyError) -> None:
+async def _end_with_error(client: ClientEndpoint, error: ProxyError, meters: ProxyMeters) -> None:
     """Answer ``error`` if no response has started, else abort; then linger."""
     if not client.can_respond:
         logger.info("aborting response after it started: %s", error.message)
         return
     logger.info("answering %d: %s", error.status_code, error.message)
+    meters.count_response(error.status_code)
     response, body = error_response(error)
     try:
         await client.send(response)
@@ -179,6 +173,7 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
     """Forward one request and its response; see the module comment."""
     target = _target_for(request, context.config)
     upstream_stream = await _connect(target, context)
+    context.meters.upstream_connections += 1
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
         upstream = UpstreamEndpoint(upstream_stream, conn, read_size=context.config.read_size)
@@ -191,6 +186,7 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
         await _relay_messages(client, upstream, request, context)
     finally:
+        context.meters.upstream_connections -= 1
         await trio.aclose_forcefully(upstream_stream)
 
 
@@ -232,6 +228,7 @@ async def _relay_messages(
                 upstream,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.request_bodies,
+                budget=context.meters.budget,
             )
         except BadGateway as exc:
             # The upstream stopped reading; its response (or its silence)
@@ -250,11 +247,13 @@ async def _relay_messages(
                     reason=response.reason,
                 )
             )
+            context.meters.count_response(response.status_code)
             await relay_body(
                 upstream,
                 client,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.response_bodies,
+                budget=context.meters.budget,
             )
             nursery.cancel_scope.cancel()
 
@@ -316,13 +315,19 @@ async def serve(
 
     Resource handling: each connection runs ``handle_connection`` in the
     listeners' nursery and is closed when it ends; cancelling ``serve``
-    closes the listeners and every connection.
+    closes the listeners and every connection. The metrics endpoint (if
+    ``config.metrics_listen``) and the idle heap trimmer run beside them.
     """
-    shared_meters = meters if meters is not None else ProxyMeters()
+    shared_meters = meters if meters is not None else ProxyMeters.for_config(config)
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(stream, config, open_upstream=open_upstream, meters=shared_meters)
 
     serve_listeners: Callable[..., Awaitable[None]] = trio.serve_listeners
-    await serve_listeners(handler, listeners, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
+        if config.metrics_listen is not None:
+            await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)
+        nursery.start_soon(trim_heap_when_idle, shared_meters)
+        await serve_listeners(handler, listeners, task_status=task_status)
