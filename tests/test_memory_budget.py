@@ -8,8 +8,10 @@ streams that read the response head and then never read again.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import h11
+import pytest
 import trio
 import trio.testing
 
@@ -125,9 +127,12 @@ async def test_stalled_clients_cannot_exceed_the_budget_or_block_a_fresh_one(
     assert meters.client_connections == meters.upstream_connections == 0
 
 
-async def test_client_leaving_mid_transfer_returns_its_share() -> None:
-    """A client that disconnects mid-body ends its exchange, and everything it
-    held (channel, reader's and writer's chunks) goes back to the budget."""
+async def test_client_leaving_mid_transfer_returns_its_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that disconnects mid-body ends its exchange quietly (no error
+    group logged as a bug), and everything it held (channel, reader's and
+    writer's chunks) goes back to the budget."""
     meters = trioproxy.ProxyMeters.for_config(CONFIG)
     assert meters.budget is not None
     port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
@@ -144,6 +149,7 @@ async def test_client_leaving_mid_transfer_returns_its_share() -> None:
         assert meters.budget.statistics().held == 0
         assert held_bytes(meters) == 0
         nursery.cancel_scope.cancel()
+    assert [r.message for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_relay_with_budget_is_byte_exact_and_returns_the_budget() -> None:

@@ -160,6 +160,22 @@ class Pump:
                     self._send_channel.send_nowait(chunk)
                 except trio.WouldBlock:
                     await self._wait_for_sink(chunk)
+                except trio.BrokenResourceError:
+                    return  # the writer failed and closed its end; its error says why
+
+    async def _wait_for_sink(self, chunk: bytes) -> None:
+        self._waits += 1
+        started = trio.current_time()
+        try:
+            await self._send_channel.send(chunk)
+        except trio.BrokenResourceError:
+            # The writer failed and closed its end while we waited; its own
+            # error is the one the nursery raises (not a group of two).
+            return
+        finally:
+            waited = trio.current_time() - started
+            self._wait_seconds += waited
+            self.gauge.sink_wait_seconds += waited
 
     async def _read_counted(self, read: ReadChunk, account: BudgetAccount | None) -> bytes:
         """Read one chunk, reserved from the budget beforehand if there is one."""
@@ -174,16 +190,6 @@ class Pump:
         self.gauge.add(len(chunk))
         self._gauged += len(chunk)
         return chunk
-
-    async def _wait_for_sink(self, chunk: bytes) -> None:
-        self._waits += 1
-        started = trio.current_time()
-        try:
-            await self._send_channel.send(chunk)
-        finally:
-            waited = trio.current_time() - started
-            self._wait_seconds += waited
-            self.gauge.sink_wait_seconds += waited
 
     async def _write_side(self, write: WriteChunk, account: BudgetAccount | None) -> None:
         with self._receive_channel:
