@@ -86,7 +86,10 @@ async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
         assert report["buffered_bytes"]["response"] == held
         assert report["connections"] == {"client": 1, "upstream": 1}
         assert report["ceiling_bytes"] == (
-            1000 + CONFIG.max_buffer_memory + report["per_connection_overhead_bytes"]
+            1000
+            + CONFIG.max_buffer_memory
+            + report["per_connection_overhead_bytes"]
+            + report["per_exchange_overhead_bytes"]
         )
         assert (await scrape(meters, "/nothing"))[0] == 404
         nursery.cancel_scope.cancel()

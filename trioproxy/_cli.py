@@ -22,7 +22,7 @@ from ._config import (
     DEFAULT_READ_SIZE,
     ProxyConfig,
 )
-from ._memory import use_system_malloc
+from ._memory import prepare_process_memory
 from ._server import serve
 
 _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
@@ -163,7 +163,7 @@ async def _run(config: ProxyConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trioproxy`` console script and ``python -m trioproxy``."""
     if argv is None:  # a real command line, not a test calling main([...])
-        use_system_malloc()  # see _memory: freed small objects can go back to the OS
+        prepare_process_memory()  # see _memory: so that freed memory can go back to the OS
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,8 +13,9 @@ The endpoint (``serve_metrics``, enabled by ``--metrics HOST:PORT``) answers:
   costs a dependency and import-time RSS in a program whose point is a small
   RSS.
 * ``GET /debug/memory``: JSON tying the process RSS to the payload bytes
-  buffered right now and to the configured ceiling,
-  ``baseline RSS + budget + per-connection overhead x connections``.
+  buffered right now and to the configured ceiling, ``baseline RSS + budget
+  + per-connection overhead x connections + per-exchange overhead x
+  exchanges`` (docs/memory.md).
 
 psutil is imported on the first scrape, not at startup: it is only needed
 when metrics are on.
@@ -38,10 +39,15 @@ from ._relay import BufferGauge
 
 logger = logging.getLogger("trioproxy.metrics")
 
-# RSS one more open client connection costs beyond its payload buffers, as
-# measured by scripts/measure_overhead.py (docs/memory.md): socket objects,
-# h11 state, the handler's task and its h11 receive buffer.
-CONNECTION_OVERHEAD_BYTES = 16 * 1024
+# RSS one more idle keep-alive client connection costs: socket, h11 state,
+# the handler's task. Measured by scripts/measure_overhead.py: 7.7-8.8 KiB
+# (docs/memory.md); rounded up.
+CONNECTION_OVERHEAD_BYTES = 12 * 1024
+# What an exchange in progress adds beyond the payload bytes the budget
+# counts: the upstream socket, two pumps' tasks, h11's receive buffers and
+# the transient copies of a read. Measured: 27-44 KiB for stalled downloads,
+# ~87 KiB peak per client with 200 clients streaming; rounded up.
+EXCHANGE_OVERHEAD_BYTES = 96 * 1024
 # A scrape is one small request; a client that sends nothing for this long is
 # dropped, so a stuck scraper cannot pin a task and a socket for ever.
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -196,7 +202,10 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     """RSS, buffered bytes and the ceiling formula, as a JSON-ready dict."""
     buffered = meters.request_bodies.held + meters.response_bodies.held
     budget = _budget_statistics(meters)
-    overhead = CONNECTION_OVERHEAD_BYTES * meters.client_connections
+    overhead = (
+        CONNECTION_OVERHEAD_BYTES * meters.client_connections
+        + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+    )
     capacity = budget.capacity if budget is not None else None
     return {
         "rss_bytes": rss,
@@ -213,7 +222,11 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "upstream": meters.upstream_connections,
         },
         "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
-        "ceiling_formula": "baseline_rss + budget + per_connection_overhead x client_connections",
+        "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "ceiling_formula": (
+            "baseline_rss + budget + per_connection_overhead x client_connections"
+            " + per_exchange_overhead x upstream_connections"
+        ),
         "ceiling_bytes": None if capacity is None else baseline_rss + capacity + overhead,
         "unexplained_bytes": rss - baseline_rss - buffered - overhead,
     }
