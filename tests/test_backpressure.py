@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._server import ProxyMeters
+from trioproxy._metrics import ProxyMeters
 
 from .helpers import CountingStream, UpstreamPort, pattern
 

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._server import ProxyMeters
+from trioproxy._metrics import ProxyMeters
 
 from .helpers import UpstreamPort, pattern, read_h11_message, send_h11_message
 

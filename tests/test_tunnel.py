@@ -23,7 +23,8 @@ import trustme
 import trioproxy
 from trioproxy._errors import BadGateway, BadRequest
 from trioproxy._http import connect_target
-from trioproxy._server import ProxyMeters, handle_connection
+from trioproxy._metrics import ProxyMeters
+from trioproxy._server import handle_connection
 from trioproxy._tunnel import Tunnel, TunnelStatistics, tunnel
 
 from .helpers import UpstreamPort, read_h11_message, send_h11_message, start_proxy

@@ -8,15 +8,19 @@ Public API (everything else is private):
   your application accepted.
 * ``serve(config)`` - listen and serve until cancelled.
 * ``ProxyConfig`` - sizes, timeouts and mode.
+* ``MemoryBudget`` - the byte budget shared by all pumps of a server.
+* ``ProxyMeters`` - gauges, counters and the budget shared by connections.
 """
 
+from ._budget import BudgetStatistics as BudgetStatistics
+from ._budget import MemoryBudget as MemoryBudget
 from ._config import ProxyConfig as ProxyConfig
 from ._config import Upstream as Upstream
 from ._errors import ProxyError as ProxyError
+from ._metrics import ProxyMeters as ProxyMeters
 from ._relay import BufferGauge as BufferGauge
 from ._relay import RelayStatistics as RelayStatistics
 from ._relay import relay as relay
-from ._server import ProxyMeters as ProxyMeters
 from ._server import handle_connection as handle_connection
 from ._server import serve as serve
 from ._tunnel import Tunnel as Tunnel

@@ -17,8 +17,15 @@ from typing import NoReturn
 import trio
 
 from ._accesslog import JsonFormatter, access_logger
-from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_MAX_HEAD_SIZE, DEFAULT_READ_SIZE, ProxyConfig
+from ._config import (
+    DEFAULT_BUFFER_CHUNKS,
+    DEFAULT_MAX_BUFFER_MEMORY,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_READ_SIZE,
+    ProxyConfig,
+)
 from ._limits import descriptors_needed, raise_open_file_limit
+from ._memory import prepare_process_memory
 from ._server import serve
 
 logger = logging.getLogger("trioproxy")
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time from the end of the request to the upstream's response head (then 504)",
     )
+    _add_memory_arguments(parser)
     _add_operations_arguments(parser)
     return parser
 
@@ -163,6 +171,24 @@ def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT, time in-flight requests get before they are cut; "
         "a second signal cuts them at once",
     )
+
+
+def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """The global memory budget and the metrics endpoint."""
+    parser.add_argument(
+        "--max-buffer-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_BUFFER_MEMORY,
+        metavar="BYTES",
+        help="payload bytes all connections together may buffer; readers wait beyond it",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=parse_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+    )
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -200,6 +226,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         stall_timeout=args.stall_timeout,
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
+        max_buffer_memory=args.max_buffer_memory,
+        metrics_listen=args.metrics,
     )
 
 
@@ -282,6 +310,8 @@ async def _watch_signals(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trioproxy`` console script and ``python -m trioproxy``."""
+    if argv is None:  # a real command line, not a test calling main([...])
+        prepare_process_memory()  # see _memory: so that freed memory can go back to the OS
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -25,6 +25,12 @@ DEFAULT_READ_SIZE = 64 * KiB
 DEFAULT_BUFFER_CHUNKS = 4
 # h11's own default; a request head larger than this gets 431.
 DEFAULT_MAX_HEAD_SIZE = 64 * KiB
+# The global budget for payload bytes held by all connections together
+# (--max-buffer-memory). 64 MiB lets ~170 directions fill their whole default
+# 384 KiB channel, or ~1000 hold one 64 KiB chunk, before readers queue; with
+# ~25 MB idle RSS the whole process stays near 128 MiB at a few hundred
+# connections, which fits the smallest common container limits.
+DEFAULT_MAX_BUFFER_MEMORY = 64 * MiB
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -140,6 +146,21 @@ class ProxyConfig:
     # before they are cancelled; 10 s, as systemd's and Kubernetes' grace
     # periods (90 s and 30 s) leave room for it.
     shutdown_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+    # --- memory budget and metrics (issue 4) ---
+    # Payload bytes all connections together may hold; readers wait when it
+    # is spent. At least one read_size, or no read could ever start.
+    max_buffer_memory: int = attrs.field(default=DEFAULT_MAX_BUFFER_MEMORY)
+    # Where to serve /metrics and /debug/memory; None: nowhere.
+    metrics_listen: tuple[str, int] | None = None
+
+    @max_buffer_memory.validator
+    def _check_max_buffer_memory(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < self.read_size:
+            raise ValueError(
+                f"max_buffer_memory must be at least read_size ({self.read_size}), got {value}"
+            )
+
+    # --- end memory budget and metrics ---
 
     @property
     def mode(self) -> str:

@@ -81,11 +81,11 @@ class H11Endpoint:
         Raises:
             ProxyError or ClientGone: as translated by the subclass.
         """
-        data = self.conn.send(event)
-        if not data:
-            return
+        pieces = self._frame(event)
         try:
-            await self.stream.send_all(data)
+            for piece in pieces:
+                if piece:
+                    await self.stream.send_all(piece)
         except _STREAM_ERRORS as exc:
             self.conn.send_failed()
             raise self._stream_error(exc) from exc
@@ -93,6 +93,19 @@ class H11Endpoint:
             # Cancelled mid-write: the framing on the wire is now unknown.
             self.conn.send_failed()
             raise
+
+    def _frame(self, event: h11.Event) -> list[bytes]:
+        """The bytes to write for ``event``.
+
+        A body chunk passes through as the very object the pump's writer holds
+        (and the budget counts): joining it with its framing would copy it and
+        double what a slow client pins in memory. Chunked framing adds two tiny
+        pieces around it. Anything else (a head, the last chunk) is joined.
+        """
+        if isinstance(event, h11.Data):
+            return self.conn.send_with_data_passthrough(event) or []
+        data = self.conn.send(event)
+        return [data] if data else []
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> Exception:
         raise NotImplementedError

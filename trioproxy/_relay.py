@@ -12,6 +12,12 @@ The bound, per pump: at most ``(N + 2) * read_size`` payload bytes are held at
 any moment: N chunks in the channel, one in the reader's hand (blocked on a
 full channel), one in the writer's (being written). ``BufferGauge`` counts
 exactly those bytes so tests and metrics can check the bound.
+
+A ``MemoryBudget`` (``_budget``) caps the sum over all pumps: given one, the
+reader reserves ``read_size`` before each read, gives back the unused part
+right after it, and the writer gives back the chunk after writing it. Each
+pump's account is closed when it ends, so nothing leaks on cancellation or
+errors (chunks still in the channel are returned with it).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import attrs
 import h11
 import trio
 
+from ._budget import BudgetAccount, MemoryBudget
 from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_READ_SIZE
 from ._h11_io import H11Endpoint
 
@@ -59,11 +66,14 @@ class BufferGauge:
 
     Shared by many pumps (one per direction, or one for a whole server), it
     counts every byte from the moment a reader has it until the writer has
-    written it.
+    written it (or the pump ends), and, for metrics, the bytes written and the
+    time readers waited for a slow sink.
     """
 
     held: int = 0
     peak: int = 0
+    relayed: int = 0
+    sink_wait_seconds: float = 0.0
 
     def add(self, size: int) -> None:
         self.held += size
@@ -110,6 +120,8 @@ class Pump:
     Args:
         buffer_chunks: the channel's capacity, N >= 1 (never ``math.inf``).
         gauge: counts the bytes held; shared between pumps if given.
+        budget: a global budget to reserve from before each read, if any.
+        read_size: the most ``read`` may return; required with ``budget``.
         progress: updated as chunks move, for watchers in other tasks.
     """
 
@@ -118,10 +130,17 @@ class Pump:
         *,
         buffer_chunks: int,
         gauge: BufferGauge | None = None,
+        budget: MemoryBudget | None = None,
+        read_size: int | None = None,
         progress: Progress | None = None,
     ) -> None:
         if not 1 <= buffer_chunks < math.inf:
             raise ValueError(f"buffer_chunks must be a finite number >= 1, got {buffer_chunks}")
+        if budget is not None and read_size is None:
+            raise ValueError("a pump with a budget needs read_size")
+        self._budget = budget
+        self._read_size = read_size or 0
+        self._gauged = 0  # this pump's share of gauge.held
         self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](buffer_chunks)
         self._capacity = buffer_chunks
         self.gauge = gauge if gauge is not None else BufferGauge()
@@ -148,41 +167,72 @@ class Pump:
         Error handling: the first exception of either side cancels the other
         and is raised as itself (not wrapped in an ExceptionGroup).
         """
+        account = self._budget.open_account() if self._budget is not None else None
         self.progress.running = True
         self.progress.moved()
         try:
             with collapse_single_error():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_side, read)
-                    nursery.start_soon(self._write_side, write)
+                    nursery.start_soon(self._read_side, read, account)
+                    nursery.start_soon(self._write_side, write, account)
         finally:
+            # Chunks left in the channel or in a task's hand are gone now.
+            self.gauge.remove(self._gauged)
+            self._gauged = 0
+            if account is not None:
+                account.close()
             self.progress.running = False
         return self.statistics()
 
-    async def _read_side(self, read: ReadChunk) -> None:
+    async def _read_side(self, read: ReadChunk, account: BudgetAccount | None) -> None:
         with self._send_channel:
-            while chunk := await read():
-                self.gauge.add(len(chunk))
-                self.progress.bytes_read += len(chunk)
-                self.progress.moved()
+            while chunk := await self._read_counted(read, account):
                 try:
                     self._send_channel.send_nowait(chunk)
                 except trio.WouldBlock:
                     await self._wait_for_sink(chunk)
+                except trio.BrokenResourceError:
+                    return  # the writer failed and closed its end; its error says why
 
     async def _wait_for_sink(self, chunk: bytes) -> None:
         self._waits += 1
         started = trio.current_time()
         try:
             await self._send_channel.send(chunk)
+        except trio.BrokenResourceError:
+            # The writer failed and closed its end while we waited; its own
+            # error is the one the nursery raises (not a group of two).
+            return
         finally:
-            self._wait_seconds += trio.current_time() - started
+            waited = trio.current_time() - started
+            self._wait_seconds += waited
+            self.gauge.sink_wait_seconds += waited
 
-    async def _write_side(self, write: WriteChunk) -> None:
+    async def _read_counted(self, read: ReadChunk, account: BudgetAccount | None) -> bytes:
+        """Read one chunk, reserved from the budget beforehand if there is one."""
+        if account is None:
+            chunk = await read()
+        else:
+            await account.acquire(self._read_size)
+            chunk = await read()
+            if len(chunk) > self._read_size:
+                raise ValueError(f"read returned {len(chunk)} bytes, over {self._read_size}")
+            account.release(self._read_size - len(chunk))
+        self.gauge.add(len(chunk))
+        self._gauged += len(chunk)
+        self.progress.bytes_read += len(chunk)
+        self.progress.moved()
+        return chunk
+
+    async def _write_side(self, write: WriteChunk, account: BudgetAccount | None) -> None:
         with self._receive_channel:
             async for chunk in self._receive_channel:
                 await write(chunk)
                 self.gauge.remove(len(chunk))
+                self.gauge.relayed += len(chunk)
+                self._gauged -= len(chunk)
+                if account is not None:
+                    account.release(len(chunk))
                 self._bytes += len(chunk)
                 self._chunks += 1
                 self.progress.bytes_written += len(chunk)
@@ -213,6 +263,7 @@ async def relay(
     buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
     max_buffer_bytes: int | None = None,
     gauge: BufferGauge | None = None,
+    budget: MemoryBudget | None = None,
 ) -> RelayStatistics:
     """Pump every byte of ``source`` into ``sink`` with bounded memory.
 
@@ -234,6 +285,8 @@ async def relay(
             want; ``buffer_chunks`` and, if needed, ``read_size`` are derived
             so that ``(buffer_chunks + 2) * read_size <= max_buffer_bytes``.
         gauge: a shared counter of bytes held, for metrics and tests.
+        budget: a memory budget shared with other pumps; each read waits
+            until ``read_size`` bytes of it are free (see ``MemoryBudget``).
 
     Returns:
         RelayStatistics: bytes moved, and how often and how long the reader
@@ -252,7 +305,7 @@ async def relay(
     async def read() -> bytes:
         return bytes(await source.receive_some(read_size))  # no copy when already bytes
 
-    pump = Pump(buffer_chunks=buffer_chunks, gauge=gauge)
+    pump = Pump(buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=read_size)
     return await pump.run(read, sink.send_all)
 
 
@@ -277,6 +330,7 @@ async def relay_body(
     *,
     buffer_chunks: int,
     gauge: BufferGauge | None = None,
+    budget: MemoryBudget | None = None,
     progress: Progress | None = None,
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
@@ -286,28 +340,29 @@ async def relay_body(
     Trailers are dropped, as hop-by-hop ``Trailer`` is.
 
     Memory: the same bound as ``relay``, with ``source.read_size`` as the
-    chunk size (a Data event never exceeds what one read returned plus the
-    unparsed rest of the previous one).
+    chunk size: a Data event larger than that (what one read returned plus
+    the unparsed rest of the previous one) is handed on in pieces, the rest
+    waiting in the reader's hand as it waited in h11's buffer before.
 
     Raises:
         ProxyError or ClientGone: from either side, as its endpoint translates
         them. If the source fails, the sink's message is left unfinished, so
         the receiver can tell the body is incomplete.
-
-    Args:
-        source: the endpoint whose message body is read.
-        sink: the endpoint whose message body is written.
-        buffer_chunks: the pump's channel capacity N.
-        gauge: a shared counter of bytes held.
-        progress: updated as chunks move (see ``Progress``).
     """
 
+    limit = source.read_size
+    rest = b""
+
     async def read() -> bytes:
+        nonlocal rest
         while True:
+            if rest:
+                chunk, rest = rest[:limit], rest[limit:]
+                return chunk
             event = await source.next_event()
             if isinstance(event, h11.Data):
                 if event.data:
-                    return bytes(event.data)  # h11 may hand out a bytearray
+                    rest = bytes(event.data)  # h11 may hand out a bytearray
             elif isinstance(event, h11.EndOfMessage):
                 return b""
             else:  # pragma: no cover - h11 yields only Data/EndOfMessage here
@@ -316,7 +371,9 @@ async def relay_body(
     async def write(chunk: bytes) -> None:
         await sink.send(h11.Data(data=chunk))
 
-    pump = Pump(buffer_chunks=buffer_chunks, gauge=gauge, progress=progress)
+    pump = Pump(
+        buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=limit, progress=progress
+    )
     statistics = await pump.run(read, write)
     await sink.send(h11.EndOfMessage())
     return statistics

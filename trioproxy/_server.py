@@ -54,7 +54,9 @@ from ._http import (
     upgrade_fields,
     upstream_request_headers,
 )
-from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._memory import trim_heap_when_idle
+from ._metrics import ProxyMeters, serve_metrics
+from ._relay import collapse_single_error, relay_body
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._timeouts import StallWatchdog, read_request_head, wait_for_request
@@ -68,21 +70,6 @@ logger = logging.getLogger("trioproxy")
 # before the client reads it (the "lingering close" of nginx and Apache).
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 1024 * 1024
-
-
-@attrs.define
-class ProxyMeters:
-    """Payload bytes held by the pumps, per direction, for tests and metrics.
-
-    Attributes:
-        request_bodies: bytes read from clients, not yet written upstream.
-        response_bodies: bytes read from upstreams, not yet written to clients.
-    """
-
-    request_bodies: BufferGauge = attrs.Factory(BufferGauge)
-    response_bodies: BufferGauge = attrs.Factory(BufferGauge)
-    # Both directions of CONNECT and Upgrade tunnels.
-    tunnels: BufferGauge = attrs.Factory(BufferGauge)
 
 
 @attrs.frozen
@@ -116,7 +103,8 @@ async def handle_connection(
         stream: the client connection; closed when this returns.
         config: sizes, timeouts and mode.
         open_upstream: connector ``(host, port) -> Stream``; TCP by default.
-        meters: counters of bytes held, shared across connections if given.
+        meters: counters and the memory budget, shared across connections
+            if given; else this connection gets its own.
         shutdown: the server's draining state; when it drains, an idle
             connection closes at once and a busy one after its exchange.
 
@@ -127,12 +115,13 @@ async def handle_connection(
     context = _Context(
         config=config,
         open_upstream=open_upstream,
-        meters=meters if meters is not None else ProxyMeters(),
+        meters=meters if meters is not None else ProxyMeters.for_config(config),
         client_host=_peer_host(stream),
         shutdown=shutdown if shutdown is not None else Shutdown(),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(stream, conn, read_size=config.read_size)
+    context.meters.client_connections += 1
     try:
         await _serve_requests(client, context)
     except ClientGone as exc:
@@ -140,6 +129,7 @@ async def handle_connection(
     except Exception:
         logger.exception("bug: unexpected error serving client %s", context.client_host)
     finally:
+        context.meters.client_connections -= 1
         await trio.aclose_forcefully(stream)
 
 
@@ -171,21 +161,23 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
                 await _exchange(client, event, context, record)
             except ProxyError as error:
                 record.set_error(error, answered=client.can_respond)
+                context.meters.count_failure(error.status_code)
                 failure = error
         if failure is not None:  # logged above; answering and lingering are not timed
-            await _end_with_error(client, failure)
+            await _end_with_error(client, failure, context.meters)
             return
         if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE:
             return
         client.conn.start_next_cycle()
 
 
-async def _end_with_error(client: ClientEndpoint, error: ProxyError) -> None:
+async def _end_with_error(client: ClientEndpoint, error: ProxyError, meters: ProxyMeters) -> None:
     """Answer ``error`` if no response has started, else abort; then linger."""
     if not client.can_respond:
         logger.debug("aborting response after it started: %s", error.message)
         return
     logger.debug("answering %d: %s", error.status_code, error.message)
+    meters.count_response(error.status_code)
     response, body = error_response(error)
     try:
         await client.send(response)
@@ -227,9 +219,11 @@ async def _serve_connect(
     record.set_upstream(target.host, target.port)
     await receive_connect_end(client)
     upstream_stream = await _connect(target, context)
+    context.meters.upstream_connections += 1
     try:
         await tunnel_after_connect(client, upstream_stream, context.config, context.meters.tunnels)
     finally:
+        context.meters.upstream_connections -= 1
         await trio.aclose_forcefully(upstream_stream)
 
 
@@ -240,6 +234,7 @@ async def _exchange(
     target = _target_for(request, context.config)
     record.set_upstream(target.host, target.port)
     upstream_stream = await _connect(target, context)
+    context.meters.upstream_connections += 1
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
         upstream = UpstreamEndpoint(upstream_stream, conn, read_size=context.config.read_size)
@@ -253,6 +248,7 @@ async def _exchange(
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
         await _relay_messages(client, upstream, request, context, record)
     finally:
+        context.meters.upstream_connections -= 1
         await trio.aclose_forcefully(upstream_stream)
 
 
@@ -298,6 +294,7 @@ async def _relay_messages(
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.request_bodies,
                 progress=record.request_body,
+                budget=context.meters.budget,
             )
         except BadGateway as exc:
             # The upstream stopped reading; its response (or its silence)
@@ -317,6 +314,7 @@ async def _relay_messages(
                 # here, as it would stall any upload.
                 await request_sent.wait()
                 record.status = response.status_code
+                context.meters.count_response(response.status_code)
                 await tunnel_after_upgrade(
                     client, upstream, response, config, context.meters.tunnels
                 )
@@ -331,12 +329,14 @@ async def _relay_messages(
                         reason=response.reason,
                     )
                 )
+            context.meters.count_response(response.status_code)
             await relay_body(
                 upstream,
                 client,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
+                budget=context.meters.budget,
             )
             nursery.cancel_scope.cancel()
     if watchdog.stalled:
@@ -410,8 +410,10 @@ async def serve(
     closed when it ends. Cancelling ``serve`` closes the listeners and every
     connection; a shutdown trigger closes the listeners at once and gives
     in-flight exchanges ``config.shutdown_timeout`` seconds (see ``_shutdown``).
+    The metrics endpoint (if ``config.metrics_listen``) and the idle heap
+    trimmer run beside them.
     """
-    shared_meters = meters if meters is not None else ProxyMeters()
+    shared_meters = meters if meters is not None else ProxyMeters.for_config(config)
     shutdown = Shutdown()
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
 
@@ -420,11 +422,17 @@ async def serve(
             stream, config, open_upstream=open_upstream, meters=shared_meters, shutdown=shutdown
         )
 
-    await serve_until_shutdown(
-        handler,
-        listeners,
-        config=config,
-        shutdown=shutdown,
-        trigger=shutdown_trigger,
-        task_status=task_status,
-    )
+    async with trio.open_nursery() as nursery:
+        # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
+        if config.metrics_listen is not None:
+            await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)
+        nursery.start_soon(trim_heap_when_idle, shared_meters)
+        await serve_until_shutdown(
+            handler,
+            listeners,
+            config=config,
+            shutdown=shutdown,
+            trigger=shutdown_trigger,
+            task_status=task_status,
+        )
+        nursery.cancel_scope.cancel()  # drained: the side tasks end with the server

@@ -1,0 +1,204 @@
+"""The global budget inside the proxy: many stalled clients, one fresh client.
+
+Every connection runs ``handle_connection`` on in-memory streams with one
+shared ``ProxyMeters`` (and so one budget). Stalled clients are lockstep
+streams that read the response head and then never read again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+import trioproxy
+from trioproxy._budget import MemoryBudget
+from trioproxy._h11_io import ClientEndpoint, UpstreamEndpoint
+from trioproxy._relay import relay, relay_body
+
+from .helpers import UpstreamPort, read_h11_message, send_h11_message
+
+KiB = 1024
+READ_SIZE = KiB  # small chunks keep the test fast; the bound scales with them
+BUFFER_CHUNKS = 4
+PER_PUMP_BOUND = (BUFFER_CHUNKS + 2) * READ_SIZE  # 6 KiB
+STALLED_CLIENTS = 20  # together they could hold 20 x 6 KiB = 120 KiB
+BUDGET = 48 * KiB  # well below that sum
+BODY = bytes(range(256)) * 256  # 64 KiB, a recognisable pattern
+
+CONFIG = trioproxy.ProxyConfig(
+    read_size=READ_SIZE, buffer_chunks=BUFFER_CHUNKS, max_buffer_memory=BUDGET
+)
+
+
+async def serve_origin(port: UpstreamPort, body: bytes) -> None:
+    """Answer every upstream connection's request with ``body``, then close."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await port.accept()
+            nursery.start_soon(_answer, stream, body)
+
+
+async def _answer(stream: trio.abc.Stream, body: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    await read_h11_message(stream, conn)
+    headers = [(b"Content-Length", str(len(body)).encode())]
+    with contextlib.suppress(trio.BrokenResourceError):
+        await send_h11_message(stream, conn, h11.Response(status_code=200, headers=headers), body)
+
+
+def request_bytes() -> bytes:
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target="http://origin.test/x", headers=[("Host", "o")])
+    return (conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+
+
+async def stalled_client(
+    stream: trio.abc.Stream, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Send a GET, read the response head, then never read again."""
+    await stream.send_all(request_bytes())
+    head = await stream.receive_some(64 * KiB)
+    assert head.startswith(b"HTTP/1.1 200")
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def fetch(stream: trio.abc.Stream) -> tuple[int, bytes]:
+    """A well-behaved client: GET, read the whole response."""
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target="http://origin.test/x", headers=[("Host", "o")])
+    await send_h11_message(stream, conn, request)
+    response, body = await read_h11_message(stream, conn)
+    assert isinstance(response, h11.Response)
+    return response.status_code, body
+
+
+async def start_connection(
+    nursery: trio.Nursery, meters: trioproxy.ProxyMeters, port: UpstreamPort
+) -> trio.abc.Stream:
+    client_side, proxy_side = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(
+        lambda: trioproxy.handle_connection(
+            proxy_side, CONFIG, open_upstream=port.open_upstream, meters=meters
+        )
+    )
+    return client_side
+
+
+def held_bytes(meters: trioproxy.ProxyMeters) -> int:
+    return meters.request_bodies.held + meters.response_bodies.held
+
+
+async def test_stalled_clients_cannot_exceed_the_budget_or_block_a_fresh_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With 20 stalled clients whose channels could hold 120 KiB, at most the
+    48 KiB budget is ever held, and a fresh client still gets its whole body
+    byte for byte; when all connections end the budget is back to zero."""
+    meters = trioproxy.ProxyMeters.for_config(CONFIG)
+    assert meters.budget is not None
+    port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_origin, port, BODY)
+        for _ in range(STALLED_CLIENTS):
+            client = await start_connection(nursery, meters, port)
+            await nursery.start(stalled_client, client)
+            await trio.testing.wait_all_tasks_blocked()
+            assert held_bytes(meters) <= meters.budget.statistics().held <= BUDGET
+        statistics = meters.budget.statistics()
+        assert statistics.held > BUDGET // 2  # the stalled clients did fill it
+        assert statistics.peak <= BUDGET
+        assert meters.response_bodies.peak <= BUDGET
+
+        fresh = await start_connection(nursery, meters, port)
+        with trio.fail_after(30):  # virtual seconds: a deadlock fails, not hangs
+            status, body = await fetch(fresh)
+        assert (status, body == BODY) == (200, True)
+        assert meters.budget.statistics().peak <= BUDGET
+        nursery.cancel_scope.cancel()
+    assert meters.budget.statistics().held == 0
+    assert meters.budget.statistics().waiting == 0
+    assert held_bytes(meters) == 0
+    assert meters.client_connections == meters.upstream_connections == 0
+
+
+async def test_client_leaving_mid_transfer_returns_its_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that disconnects mid-body ends its exchange quietly (no error
+    group logged as a bug), and everything it held (channel, reader's and
+    writer's chunks) goes back to the budget."""
+    meters = trioproxy.ProxyMeters.for_config(CONFIG)
+    assert meters.budget is not None
+    port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_origin, port, BODY)
+        client = await start_connection(nursery, meters, port)
+        await nursery.start(stalled_client, client)
+        await client.receive_some(3 * READ_SIZE)  # a little of the body
+        await trio.testing.wait_all_tasks_blocked()
+        assert meters.budget.statistics().held >= PER_PUMP_BOUND - READ_SIZE
+        await client.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert meters.client_connections == 0
+        assert meters.budget.statistics().held == 0
+        assert held_bytes(meters) == 0
+        nursery.cancel_scope.cancel()
+    assert [r.message for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_relay_with_budget_is_byte_exact_and_returns_the_budget() -> None:
+    """``relay`` under a budget smaller than its own bound moves every byte in
+    order, never reserves more than the budget, and gives it all back."""
+    budget = MemoryBudget(3 * KiB)
+    source_send, source = trio.testing.memory_stream_pair()
+    sink, sink_receive = trio.testing.memory_stream_pair()
+    received = bytearray()
+
+    async def feed() -> None:
+        await source_send.send_all(BODY)
+        await source_send.aclose()
+
+    async def drain() -> None:
+        while data := await sink_receive.receive_some(700):
+            received.extend(data)
+            assert budget.statistics().held <= 3 * KiB
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        nursery.start_soon(drain)
+        statistics = await relay(source, sink, read_size=KiB, budget=budget)
+        await sink.aclose()
+    assert statistics.bytes_relayed == len(BODY)
+    assert bytes(received) == BODY
+    assert budget.statistics().held == 0
+    assert budget.statistics().peak <= 3 * KiB
+
+
+async def test_body_events_larger_than_read_size_are_split() -> None:
+    """A Data event larger than ``read_size`` (body bytes h11 had buffered with
+    the head) is handed on in pieces of at most ``read_size`` bytes, so each
+    piece fits the reservation made for it."""
+    body = b"x" * 5000
+    budget = MemoryBudget(4 * KiB)
+    client_stream, proxy_stream = trio.testing.memory_stream_pair()
+    upstream_stream, origin_stream = trio.testing.memory_stream_pair()
+    source = ClientEndpoint(proxy_stream, h11.Connection(h11.SERVER), read_size=KiB)
+    head = b"POST / HTTP/1.1\r\nHost: o\r\nContent-Length: 5000\r\n\r\n"
+    source.conn.receive_data(head + body)  # all buffered before the body relay
+    assert isinstance(await source.next_event(), h11.Request)
+    sink = UpstreamEndpoint(upstream_stream, h11.Connection(h11.CLIENT), read_size=KiB)
+    headers = [("Host", "o"), ("Content-Length", "5000")]
+    await sink.send(h11.Request(method="POST", target="/", headers=headers))
+    statistics = await relay_body(source, sink, buffer_chunks=2, budget=budget)
+    assert statistics.bytes_relayed == len(body)
+    assert statistics.chunks_relayed == 5  # 1024 x 4 + 904
+    assert budget.statistics().peak <= 4 * KiB
+    assert budget.statistics().held == 0
+    await client_stream.aclose()
+    await origin_stream.aclose()

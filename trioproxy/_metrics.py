@@ -1,0 +1,309 @@
+"""What the proxy holds and did, and an HTTP endpoint that shows it.
+
+The meters are plain ints and floats on one shared ``ProxyMeters`` object,
+updated inline by the server and the pumps: an attribute add costs nothing
+next to a socket call, and trio runs everything on one thread, so no locks.
+They are only turned into text when someone scrapes.
+
+The endpoint (``serve_metrics``, enabled by ``--metrics HOST:PORT``) answers:
+
+* ``GET /metrics``: Prometheus text exposition format 0.0.4. Written by hand
+  rather than with prometheus-client: we export only counters and gauges (no
+  histograms), which take a dozen lines to format, while the client library
+  costs a dependency and import-time RSS in a program whose point is a small
+  RSS.
+* ``GET /debug/memory``: JSON tying the process RSS to the payload bytes
+  buffered right now and to the configured ceiling, ``baseline RSS + budget
+  + per-connection overhead x connections + per-exchange overhead x
+  exchanges`` (docs/memory.md).
+
+psutil is imported on the first scrape, not at startup: it is only needed
+when metrics are on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from ._budget import BudgetStatistics, MemoryBudget
+from ._config import ProxyConfig
+from ._relay import BufferGauge
+
+logger = logging.getLogger("trioproxy.metrics")
+
+# RSS one more idle keep-alive client connection costs: socket, h11 state,
+# the handler's task. Measured by scripts/measure_overhead.py: 7.7-8.8 KiB
+# (docs/memory.md); rounded up.
+CONNECTION_OVERHEAD_BYTES = 12 * 1024
+# What an exchange in progress adds beyond the payload bytes the budget
+# counts: the upstream socket, two pumps' tasks, h11's receive buffers and
+# the transient copies of a read. Measured: 27-44 KiB for stalled downloads,
+# 92-116 KiB per client with 200 clients streaming (heap high-water
+# included); rounded up.
+EXCHANGE_OVERHEAD_BYTES = 128 * 1024
+# A scrape is one small request; a client that sends nothing for this long is
+# dropped, so a stuck scraper cannot pin a task and a socket for ever.
+SCRAPE_TIMEOUT_SECONDS = 10.0
+# The largest request head a scraper may send.
+MAX_SCRAPE_HEAD = 16 * 1024
+
+
+@attrs.define
+class ProxyMeters:
+    """The state every connection of one server shares: gauges and counters.
+
+    Attributes:
+        request_bodies: bytes read from clients, not yet written upstream.
+        response_bodies: bytes read from upstreams, not yet written to
+            clients; its ``sink_wait_seconds`` is the time spent waiting on
+            slow clients.
+        tunnels: bytes held by CONNECT and Upgrade tunnels, both directions.
+        budget: the global memory budget every pump reserves from, if any.
+        client_connections: client connections open now.
+        upstream_connections: upstream connections open now.
+        responses: responses sent to clients, by status code (including the
+            proxy's own error responses).
+        upstream_errors: exchanges that failed because of the upstream (502
+            or 504, before or after the response started).
+    """
+
+    request_bodies: BufferGauge = attrs.Factory(BufferGauge)
+    response_bodies: BufferGauge = attrs.Factory(BufferGauge)
+    # Both directions of CONNECT and Upgrade tunnels.
+    tunnels: BufferGauge = attrs.Factory(BufferGauge)
+    budget: MemoryBudget | None = None
+    client_connections: int = 0
+    upstream_connections: int = 0
+    responses: dict[int, int] = attrs.Factory(dict)
+    upstream_errors: int = 0
+
+    @classmethod
+    def for_config(cls, config: ProxyConfig) -> ProxyMeters:
+        """Meters with a fresh budget of ``config.max_buffer_memory`` bytes."""
+        return cls(budget=MemoryBudget(config.max_buffer_memory))
+
+    def count_response(self, status_code: int) -> None:
+        self.responses[status_code] = self.responses.get(status_code, 0) + 1
+
+    def count_failure(self, status_code: int) -> None:
+        """Count an exchange that ended with the error ``status_code``."""
+        if status_code in (502, 504):
+            self.upstream_errors += 1
+
+
+def process_rss() -> int:
+    """This process's resident set size in bytes (psutil, imported lazily)."""
+    import psutil
+
+    rss: int = psutil.Process().memory_info().rss
+    return rss
+
+
+def _budget_statistics(meters: ProxyMeters) -> BudgetStatistics | None:
+    return meters.budget.statistics() if meters.budget is not None else None
+
+
+def render_prometheus(meters: ProxyMeters, *, rss: int) -> str:
+    """The meters in Prometheus text format 0.0.4 (no I/O; ``rss`` is given)."""
+    return "".join(_prometheus_lines(meters, rss))
+
+
+def _metric(name: str, kind: str, help_text: str, samples: dict[str, float]) -> Iterator[str]:
+    yield f"# HELP {name} {help_text}\n"
+    yield f"# TYPE {name} {kind}\n"
+    for labels, value in samples.items():
+        yield (
+            f"{name}{labels} {value:g}\n"
+            if isinstance(value, float)
+            else f"{name}{labels} {value}\n"
+        )
+
+
+def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
+    request, response = meters.request_bodies, meters.response_bodies
+    budget = _budget_statistics(meters)
+    yield from _metric(
+        "trioproxy_process_resident_memory_bytes", "gauge", "Process RSS.", {"": rss}
+    )
+    yield from _metric(
+        "trioproxy_open_connections",
+        "gauge",
+        "Connections open now.",
+        {
+            '{side="client"}': meters.client_connections,
+            '{side="upstream"}': meters.upstream_connections,
+        },
+    )
+    yield from _metric(
+        "trioproxy_buffered_bytes",
+        "gauge",
+        "Payload bytes held in user space now, by direction.",
+        {'{direction="request"}': request.held, '{direction="response"}': response.held},
+    )
+    if budget is not None:
+        yield from _metric(
+            "trioproxy_buffer_budget_bytes",
+            "gauge",
+            "The global buffer budget (--max-buffer-memory).",
+            {"": budget.capacity},
+        )
+        yield from _metric(
+            "trioproxy_buffer_budget_reserved_bytes",
+            "gauge",
+            "Bytes of the budget reserved by readers now.",
+            {"": budget.held},
+        )
+        yield from _metric(
+            "trioproxy_buffer_budget_waiting_readers",
+            "gauge",
+            "Readers waiting for the budget now.",
+            {"": budget.waiting},
+        )
+        yield from _metric(
+            "trioproxy_buffer_budget_wait_seconds_total",
+            "counter",
+            "Time readers spent waiting for the budget.",
+            {"": budget.wait_seconds},
+        )
+    yield from _metric(
+        "trioproxy_relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed, by direction.",
+        {'{direction="request"}': request.relayed, '{direction="response"}': response.relayed},
+    )
+    yield from _metric(
+        "trioproxy_responses_total",
+        "counter",
+        "Responses sent to clients, by status code.",
+        {f'{{status="{status}"}}': count for status, count in sorted(meters.responses.items())},
+    )
+    yield from _metric(
+        "trioproxy_upstream_errors_total",
+        "counter",
+        "Exchanges failed by the upstream (502, 504).",
+        {"": meters.upstream_errors},
+    )
+    yield from _metric(
+        "trioproxy_sink_wait_seconds_total",
+        "counter",
+        "Time readers waited for a slow receiver (response: slow clients).",
+        {
+            '{direction="request"}': request.sink_wait_seconds,
+            '{direction="response"}': response.sink_wait_seconds,
+        },
+    )
+
+
+def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[str, Any]:
+    """RSS, buffered bytes and the ceiling formula, as a JSON-ready dict."""
+    buffered = meters.request_bodies.held + meters.response_bodies.held
+    budget = _budget_statistics(meters)
+    overhead = (
+        CONNECTION_OVERHEAD_BYTES * meters.client_connections
+        + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+    )
+    capacity = budget.capacity if budget is not None else None
+    return {
+        "rss_bytes": rss,
+        "baseline_rss_bytes": baseline_rss,
+        "growth_over_baseline_bytes": rss - baseline_rss,
+        "buffered_bytes": {
+            "request": meters.request_bodies.held,
+            "response": meters.response_bodies.held,
+            "total": buffered,
+        },
+        "budget": attrs.asdict(budget) if budget is not None else None,
+        "connections": {
+            "client": meters.client_connections,
+            "upstream": meters.upstream_connections,
+        },
+        "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
+        "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "ceiling_formula": (
+            "baseline_rss + budget + per_connection_overhead x client_connections"
+            " + per_exchange_overhead x upstream_connections"
+        ),
+        "ceiling_bytes": None if capacity is None else baseline_rss + capacity + overhead,
+        "unexplained_bytes": rss - baseline_rss - buffered - overhead,
+    }
+
+
+async def serve_metrics(
+    meters: ProxyMeters,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` and ``/debug/memory`` on ``host:port`` until cancelled.
+
+    The baseline RSS for ``/debug/memory`` is the RSS when this starts (the
+    server is idle then). Reports the listeners, like ``serve``.
+
+    Resource handling: one short-lived task per scrape; each connection is
+    closed after one response, or after ``SCRAPE_TIMEOUT_SECONDS``.
+    """
+    baseline_rss = process_rss()
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(SCRAPE_TIMEOUT_SECONDS):
+            await answer_scrape(stream, meters, baseline_rss=baseline_rss)
+        await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+async def answer_scrape(stream: trio.abc.Stream, meters: ProxyMeters, *, baseline_rss: int) -> None:
+    """Read one request from ``stream`` and answer it; errors end quietly."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_SCRAPE_HEAD)
+    try:
+        request = await _read_request(stream, conn)
+        if request is None:
+            return
+        status, content_type, body = _route(request, meters, baseline_rss)
+        headers = [
+            (b"Content-Type", content_type),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Connection", b"close"),
+        ]
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        logger.debug("metrics scrape failed: %r", exc)
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(MAX_SCRAPE_HEAD)))
+        elif isinstance(event, h11.Request):
+            return event
+        else:
+            return None
+
+
+def _route(
+    request: h11.Request, meters: ProxyMeters, baseline_rss: int
+) -> tuple[int, bytes, bytes]:
+    path = request.target.split(b"?", 1)[0]
+    if request.method != b"GET":
+        return 405, b"text/plain", b"only GET\n"
+    if path == b"/metrics":
+        text = render_prometheus(meters, rss=process_rss())
+        return 200, b"text/plain; version=0.0.4; charset=utf-8", text.encode()
+    if path == b"/debug/memory":
+        report = memory_report(meters, rss=process_rss(), baseline_rss=baseline_rss)
+        report["pid"] = os.getpid()
+        return 200, b"application/json", json.dumps(report, indent=2).encode() + b"\n"
+    return 404, b"text/plain", b"try /metrics or /debug/memory\n"
