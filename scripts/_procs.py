@@ -30,7 +30,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -76,7 +76,13 @@ class Server:
     descendants seen while it ran.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.url: str | None = None
@@ -88,6 +94,7 @@ class Server:
         self.proc = subprocess.Popen(
             self.argv,
             cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -222,6 +229,7 @@ class RssSampler:
     def running(self) -> Iterator[RssSampler]:
         """Sample while the block runs (one extra sample at the end)."""
         self._stop.clear()
+        self._sample_once()  # so peak_bytes is the starting RSS inside the block
         self._thread = threading.Thread(target=self._run, name=f"rss-{self.pid}", daemon=True)
         self._thread.start()
         try:
