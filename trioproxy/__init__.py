@@ -1,0 +1,24 @@
+"""trioproxy: a streaming HTTP/1.1 proxy on trio with bounded memory.
+
+Public API (everything else is private):
+
+* ``relay(source, sink, ...)`` - the bounded pump between any two trio streams.
+* ``handle_connection(stream, config)`` - serve proxy requests on a stream
+  your application accepted.
+* ``serve(config)`` - listen and serve until cancelled.
+* ``ProxyConfig`` - sizes, timeouts and mode.
+"""
+
+from ._config import ProxyConfig as ProxyConfig
+from ._config import Upstream as Upstream
+from ._errors import ProxyError as ProxyError
+from ._relay import BufferGauge as BufferGauge
+from ._relay import RelayStatistics as RelayStatistics
+from ._relay import relay as relay
+from ._server import ProxyMeters as ProxyMeters
+from ._server import handle_connection as handle_connection
+from ._server import serve as serve
+from ._upstream import OpenUpstream as OpenUpstream
+from ._upstream import open_tcp_upstream as open_tcp_upstream
+
+__version__ = "0.1.0"

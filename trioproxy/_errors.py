@@ -1,0 +1,114 @@
+"""Errors that end an exchange, each carrying the HTTP status it maps to.
+
+Like h11's ``error_status_hint``, the status travels with the exception, so the
+code that finally answers the client needs no table of its own. Errors are
+translated at the boundary where they happen (``raise BadGateway(...) from exc``)
+and never carry a traceback into the log: they are the peers' misbehaviour, not
+ours.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProxyError(Exception):
+    """Base class: an exchange cannot go on; the client gets ``status_code``.
+
+    Args:
+        message: a short, human-readable reason; it becomes the body of the
+            error response, so it must not contain secrets.
+    """
+
+    status_code: ClassVar[int] = 500
+    reason: ClassVar[bytes] = b"Internal Server Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ProxyError):
+    """The client sent something we cannot or will not forward."""
+
+    status_code = 400
+    reason = b"Bad Request"
+
+
+class Forbidden(ProxyError):
+    """The request is well-formed but policy refuses it."""
+
+    status_code = 403
+    reason = b"Forbidden"
+
+
+class ProxyAuthenticationRequired(ProxyError):
+    """Proxy credentials are missing or wrong."""
+
+    status_code = 407
+    reason = b"Proxy Authentication Required"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its request head in time."""
+
+    status_code = 408
+    reason = b"Request Timeout"
+
+
+class URITooLong(ProxyError):
+    """The request line is longer than we accept."""
+
+    status_code = 414
+    reason = b"URI Too Long"
+
+
+class HeadersTooLarge(ProxyError):
+    """The request head is larger, or has more fields, than we accept."""
+
+    status_code = 431
+    reason = b"Request Header Fields Too Large"
+
+
+class BadGateway(ProxyError):
+    """The upstream could not be reached or broke the protocol."""
+
+    status_code = 502
+    reason = b"Bad Gateway"
+
+
+class GatewayTimeout(ProxyError):
+    """The upstream did not connect or answer in time."""
+
+    status_code = 504
+    reason = b"Gateway Timeout"
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection; nobody is left to answer.
+
+    Not a ProxyError: there is no one to send a status to.
+    """
+
+
+_BY_STATUS: dict[int, type[ProxyError]] = {
+    cls.status_code: cls
+    for cls in (
+        BadRequest,
+        Forbidden,
+        ProxyAuthenticationRequired,
+        RequestTimeout,
+        URITooLong,
+        HeadersTooLarge,
+        BadGateway,
+        GatewayTimeout,
+    )
+}
+
+
+def error_for_status(status_code: int, message: str) -> ProxyError:
+    """Build the ProxyError subclass for ``status_code`` (400 when unknown).
+
+    Used to translate h11's ``error_status_hint`` into our hierarchy.
+    """
+    return _BY_STATUS.get(status_code, BadRequest)(message)

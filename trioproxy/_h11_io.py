@@ -1,0 +1,109 @@
+"""An h11 connection bound to a trio stream: read events, write events.
+
+h11 brings no I/O; this is the small amount we bring. The two subclasses
+differ only in how they translate failures, because the same failure means
+different things on the two sides: a protocol error from the client is the
+client's fault (400 or 431), the same from the upstream is a 502; a broken
+client stream means nobody is left to answer.
+
+Memory: h11's receive buffer holds what one ``receive_some(read_size)``
+returned plus what was left unparsed before it; h11 refuses to buffer more
+than ``max_incomplete_event_size`` while waiting for a head.
+"""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+from ._errors import BadGateway, ClientGone, ProxyError, error_for_status
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class H11Endpoint:
+    """One side of an exchange: a byte stream and h11's state of HTTP on it.
+
+    Args:
+        stream: the connection to the peer.
+        conn: h11's protocol state for it (``h11.SERVER`` facing a client,
+            ``h11.CLIENT`` facing an upstream).
+        read_size: bytes asked for per ``receive_some``; it bounds one chunk.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, *, read_size: int) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.read_size = read_size
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """Return h11's next event, reading from the stream as h11 needs.
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise self._protocol_error(exc) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = bytes(await self.stream.receive_some(self.read_size))
+            except _STREAM_ERRORS as exc:
+                raise self._stream_error(exc) from exc
+            try:
+                self.conn.receive_data(data)
+            except h11.RemoteProtocolError as exc:
+                raise self._protocol_error(exc) from exc
+
+    async def send(self, event: h11.Event) -> None:
+        """Frame ``event`` with h11 and write it to the stream.
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
+        data = self.conn.send(event)
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except _STREAM_ERRORS as exc:
+            self.conn.send_failed()
+            raise self._stream_error(exc) from exc
+        except BaseException:
+            # Cancelled mid-write: the framing on the wire is now unknown.
+            self.conn.send_failed()
+            raise
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> Exception:
+        raise NotImplementedError
+
+    def _stream_error(self, exc: Exception) -> Exception:
+        raise NotImplementedError
+
+
+class ClientEndpoint(H11Endpoint):
+    """The client side: its protocol errors are 4xx, its broken stream ClientGone."""
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> ProxyError:
+        return error_for_status(exc.error_status_hint, str(exc))
+
+    def _stream_error(self, exc: Exception) -> ClientGone:
+        return ClientGone(f"client connection lost: {exc!r}")
+
+    @property
+    def can_respond(self) -> bool:
+        """True while a response head may still be sent (h11 state IDLE or SEND_RESPONSE)."""
+        return self.conn.our_state in {h11.IDLE, h11.SEND_RESPONSE}
+
+
+class UpstreamEndpoint(H11Endpoint):
+    """The upstream side: every failure is a 502."""
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> ProxyError:
+        return BadGateway(f"upstream broke HTTP/1.1: {exc}")
+
+    def _stream_error(self, exc: Exception) -> ProxyError:
+        return BadGateway(f"upstream connection lost: {exc!r}")

@@ -1,0 +1,223 @@
+"""Sans-I/O HTTP rules of a proxy: where a request goes and which fields pass.
+
+Nothing here does I/O or knows trio; every function maps values to values and
+is tested with plain synchronous tests. h11 parses and frames the messages;
+this module decides what a proxy changes between the hops:
+
+* the target: forward mode takes it from the absolute-form request target
+  (``GET http://host:port/path HTTP/1.1``), reverse mode from the configured
+  upstream; the path and query pass byte for byte, never decoded;
+* hop-by-hop fields (RFC 9110 section 7.6.1) are dropped in both directions,
+  and framing fields are left to h11, which frames each hop itself: a
+  Content-Length passes on as the declared length (h11 checks that the body
+  matches it), Transfer-Encoding never passes;
+* ``Via`` is added in both directions, ``X-Forwarded-*`` towards the upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import attrs
+import h11
+
+from ._config import Upstream
+from ._errors import BadRequest, ProxyError
+
+Headers = list[tuple[bytes, bytes]]
+
+# Fields that describe one hop, never the message (RFC 9110 7.6.1, plus the
+# de-facto Proxy-Connection and Keep-Alive). Transfer-Encoding is framing, which
+# h11 produces anew for each hop. Proxy-Authorization is for us, not upstream.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+VIA_VALUE = b"1.1 trioproxy"
+
+# A DNS label is at most 63 octets and a name at most 253 (RFC 1035 2.3.4).
+_MAX_HOST_LENGTH = 253
+
+
+@attrs.frozen
+class Target:
+    """Where one request goes: the upstream's address and the request target.
+
+    Attributes:
+        host: the host to connect to, without brackets for IPv6.
+        port: the TCP port.
+        path: the origin-form request target (path and query), byte for byte.
+        authority: the value of the Host field sent upstream.
+    """
+
+    host: str
+    port: int
+    path: bytes
+    authority: bytes
+
+
+def forward_target(request_target: bytes) -> Target:
+    """Read an absolute-form target: ``http://host[:port][/path][?query]``.
+
+    Raises:
+        BadRequest: for an origin-form target (this is a proxy, not a server),
+            another scheme, credentials in the URI, or a malformed authority.
+    """
+    scheme, sep, rest = request_target.partition(b"://")
+    if not sep or b"/" in scheme:
+        raise BadRequest(
+            "this is a forward proxy: the request target must be an absolute URI "
+            "such as http://example.com/"
+        )
+    if scheme.lower() != b"http":
+        raise BadRequest(f"unsupported scheme {scheme.decode('ascii', 'replace')!r}: use http://")
+    end = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        index = rest.find(delimiter)
+        if index != -1:
+            end = min(end, index)
+    authority, path = rest[:end], rest[end:]
+    host, port = split_authority(authority, default_port=80)
+    if path.startswith(b"#"):
+        path = b""
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return Target(host=host, port=port, path=path, authority=authority)
+
+
+def reverse_target(request_target: bytes, upstream: Upstream) -> Target:
+    """Map a request to the fixed upstream, keeping path and query byte for byte.
+
+    An absolute-form target is accepted too (RFC 9112 3.2.2 asks servers to);
+    only its path and query are used.
+
+    Raises:
+        BadRequest: for a target that is neither origin-form, ``*``, nor
+            absolute-form.
+    """
+    if request_target.startswith(b"/") or request_target == b"*":
+        path = request_target
+    elif b"://" in request_target:
+        path = forward_target(request_target).path
+    else:
+        raise BadRequest("the request target must start with /")
+    return Target(
+        host=upstream.host,
+        port=upstream.port,
+        path=path,
+        authority=upstream.authority.encode("ascii"),
+    )
+
+
+def split_authority(authority: bytes, *, default_port: int) -> tuple[str, int]:
+    """Split ``host[:port]`` (IPv6 as ``[addr]``) into a host and a port.
+
+    Raises:
+        BadRequest: for credentials, an empty or over-long host, or a port that
+            is not a number from 1 to 65535.
+    """
+    if b"@" in authority:
+        raise BadRequest("credentials in the request URI are not accepted")
+    if authority.startswith(b"["):
+        host_bytes, bracket, after = authority[1:].partition(b"]")
+        if not bracket or (after and not after.startswith(b":")):
+            raise BadRequest("malformed IPv6 address in the request URI")
+        port_bytes = after[1:] if after else b""
+    else:
+        host_bytes, _, port_bytes = authority.partition(b":")
+    if not host_bytes or len(host_bytes) > _MAX_HOST_LENGTH:
+        raise BadRequest("the request URI has no valid host")
+    try:
+        host = host_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("the host in the request URI is not ASCII") from None
+    if not port_bytes:
+        return host, default_port
+    if not port_bytes.isdigit() or not 1 <= int(port_bytes) <= 65535:
+        raise BadRequest("the port in the request URI is not a number from 1 to 65535")
+    return host, int(port_bytes)
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The field names listed in Connection fields, lowercased."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return tokens
+
+
+def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """Drop hop-by-hop fields and every field that Connection names."""
+    dropped = HOP_BY_HOP | _connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def _append_field(headers: Headers, name: bytes, value: bytes) -> Headers:
+    """Append ``value`` to the list-valued field ``name``, as one field."""
+    existing = [v for n, v in headers if n.lower() == name.lower()]
+    rest = [(n, v) for n, v in headers if n.lower() != name.lower()]
+    return [*rest, (name, b", ".join([*existing, value]))]
+
+
+def upstream_request_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    target: Target,
+    client_host: str | None,
+    reverse: bool,
+) -> Headers:
+    """The fields of the request as sent to the upstream.
+
+    Host is set from the target (in forward mode from the absolute URI, in
+    reverse mode the upstream's authority, with the client's Host kept in
+    X-Forwarded-Host). Via is added; in reverse mode so are X-Forwarded-For and
+    X-Forwarded-Proto.
+    """
+    original_host = next((v for n, v in headers if n.lower() == b"host"), None)
+    result = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
+    result.insert(0, (b"Host", target.authority))
+    result = _append_field(result, b"Via", VIA_VALUE)
+    if reverse:
+        if client_host is not None:
+            result = _append_field(result, b"X-Forwarded-For", client_host.encode("ascii"))
+        result = [(n, v) for n, v in result if n.lower() not in _FORWARDED_SINGLE]
+        result.append((b"X-Forwarded-Proto", b"http"))
+        if original_host is not None:
+            result.append((b"X-Forwarded-Host", original_host))
+    return result
+
+
+# Fields we set ourselves in reverse mode: a client's own values would be lies.
+_FORWARDED_SINGLE = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
+
+
+def client_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """The fields of the upstream's response as sent to the client."""
+    return _append_field(end_to_end(headers), b"Via", VIA_VALUE)
+
+
+def error_response(error: ProxyError) -> tuple[h11.Response, bytes]:
+    """A short text/plain response for ``error``, closing the connection.
+
+    The body is ``"<status> <reason>: <message>"`` so that curl users see why.
+    """
+    body = f"{error.status_code} {error.reason.decode()}: {error.message}\n".encode()
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+        (b"Connection", b"close"),
+        (b"Via", VIA_VALUE),
+    ]
+    response = h11.Response(status_code=error.status_code, headers=headers, reason=error.reason)
+    return response, body

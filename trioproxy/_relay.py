@@ -1,0 +1,271 @@
+"""The bounded pump: the one place where payload bytes wait in user space.
+
+A reader task and a writer task share one ``trio.open_memory_channel(N)``.
+The reader takes a chunk from the source and puts it into the channel; when
+the channel is full, ``send`` blocks and the reader stops reading. That block
+is the backpressure: a slow sink slows the reader down to its own pace, so
+nothing piles up however large the transfer. EOF is the closing of the channel
+(``with send_channel:``), never a sentinel. If either task fails, the nursery
+cancels the other: a client that goes away cancels the upstream read at once.
+
+The bound, per pump: at most ``(N + 2) * read_size`` payload bytes are held at
+any moment: N chunks in the channel, one in the reader's hand (blocked on a
+full channel), one in the writer's (being written). ``BufferGauge`` counts
+exactly those bytes so tests and metrics can check the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import attrs
+import h11
+import trio
+
+from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_READ_SIZE
+from ._h11_io import H11Endpoint
+
+ReadChunk = Callable[[], Awaitable[bytes]]
+WriteChunk = Callable[[bytes], Awaitable[object]]
+
+
+@attrs.frozen
+class RelayStatistics:
+    """What one pump did.
+
+    Attributes:
+        bytes_relayed: payload bytes written to the sink.
+        chunks_relayed: chunks written to the sink.
+        sink_waits: how often the reader found the channel full and had to
+            wait for the sink.
+        sink_wait_seconds: how long, in total, it waited (trio's clock).
+        buffered_chunks: chunks in the channel right now.
+        buffer_capacity: the channel's capacity, N.
+    """
+
+    bytes_relayed: int
+    chunks_relayed: int
+    sink_waits: int
+    sink_wait_seconds: float
+    buffered_chunks: int
+    buffer_capacity: int
+
+
+@attrs.define
+class BufferGauge:
+    """Payload bytes held between read and write, now and at the peak.
+
+    Shared by many pumps (one per direction, or one for a whole server), it
+    counts every byte from the moment a reader has it until the writer has
+    written it.
+    """
+
+    held: int = 0
+    peak: int = 0
+
+    def add(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
+
+    def remove(self, size: int) -> None:
+        self.held -= size
+
+
+class Pump:
+    """One bounded transfer from a read callable to a write callable.
+
+    Single-use: create, ``await run(read, write)``, then read ``statistics()``
+    (also while it runs, from another task).
+
+    Memory: holds at most ``(buffer_chunks + 2) * largest_chunk`` payload bytes,
+    where ``largest_chunk`` is the most ``read`` returns at once.
+
+    Args:
+        buffer_chunks: the channel's capacity, N >= 1 (never ``math.inf``).
+        gauge: counts the bytes held; shared between pumps if given.
+    """
+
+    def __init__(self, *, buffer_chunks: int, gauge: BufferGauge | None = None) -> None:
+        if not 1 <= buffer_chunks < math.inf:
+            raise ValueError(f"buffer_chunks must be a finite number >= 1, got {buffer_chunks}")
+        self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](buffer_chunks)
+        self._capacity = buffer_chunks
+        self.gauge = gauge if gauge is not None else BufferGauge()
+        self._bytes = 0
+        self._chunks = 0
+        self._waits = 0
+        self._wait_seconds = 0.0
+
+    def statistics(self) -> RelayStatistics:
+        """The pump's counters and the channel's fill, at this moment."""
+        return RelayStatistics(
+            bytes_relayed=self._bytes,
+            chunks_relayed=self._chunks,
+            sink_waits=self._waits,
+            sink_wait_seconds=self._wait_seconds,
+            buffered_chunks=self._send_channel.statistics().current_buffer_used,
+            buffer_capacity=self._capacity,
+        )
+
+    async def run(self, read: ReadChunk, write: WriteChunk) -> RelayStatistics:
+        """Move chunks from ``read`` (``b""`` means EOF) to ``write`` until EOF.
+
+        Error handling: the first exception of either side cancels the other
+        and is raised as itself (not wrapped in an ExceptionGroup).
+        """
+        with collapse_single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_side, read)
+                nursery.start_soon(self._write_side, write)
+        return self.statistics()
+
+    async def _read_side(self, read: ReadChunk) -> None:
+        with self._send_channel:
+            while chunk := await read():
+                self.gauge.add(len(chunk))
+                try:
+                    self._send_channel.send_nowait(chunk)
+                except trio.WouldBlock:
+                    await self._wait_for_sink(chunk)
+
+    async def _wait_for_sink(self, chunk: bytes) -> None:
+        self._waits += 1
+        started = trio.current_time()
+        try:
+            await self._send_channel.send(chunk)
+        finally:
+            self._wait_seconds += trio.current_time() - started
+
+    async def _write_side(self, write: WriteChunk) -> None:
+        with self._receive_channel:
+            async for chunk in self._receive_channel:
+                await write(chunk)
+                self.gauge.remove(len(chunk))
+                self._bytes += len(chunk)
+                self._chunks += 1
+
+
+@contextmanager
+def collapse_single_error() -> Iterator[None]:
+    """Raise a nursery's lone exception as itself rather than in a group.
+
+    Our nurseries are an implementation detail: callers catch ``ProxyError``,
+    not ``ExceptionGroup[ProxyError]``. A group of several errors is raised
+    unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def relay(
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    *,
+    read_size: int = DEFAULT_READ_SIZE,
+    buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
+    max_buffer_bytes: int | None = None,
+    gauge: BufferGauge | None = None,
+) -> RelayStatistics:
+    """Pump every byte of ``source`` into ``sink`` with bounded memory.
+
+    Reads at most ``read_size`` bytes at a time and lets at most
+    ``buffer_chunks`` chunks wait for the sink. Returns at ``source``'s EOF,
+    leaving both streams open (call ``sink.send_eof()`` or ``aclose()`` as
+    your protocol wants).
+
+    Memory: at most ``(buffer_chunks + 2) * read_size`` bytes are held at any
+    moment, whatever the transfer's size and however slow the sink. With the
+    defaults: (4 + 2) x 64 KiB = 384 KiB.
+
+    Args:
+        source: any trio receive stream (TCP, TLS, Unix, in-memory).
+        sink: any trio send stream.
+        read_size: the largest chunk, in bytes.
+        buffer_chunks: the channel's capacity N, at least 1.
+        max_buffer_bytes: instead of choosing the two above, the bound you
+            want; ``buffer_chunks`` and, if needed, ``read_size`` are derived
+            so that ``(buffer_chunks + 2) * read_size <= max_buffer_bytes``.
+        gauge: a shared counter of bytes held, for metrics and tests.
+
+    Returns:
+        RelayStatistics: bytes moved, and how often and how long the reader
+        waited for the sink.
+
+    Raises:
+        ValueError: for sizes that cannot hold one chunk.
+        Whatever ``source.receive_some`` or ``sink.send_all`` raise, after
+        the other side has been cancelled.
+    """
+    if max_buffer_bytes is not None:
+        read_size, buffer_chunks = chunking_for(max_buffer_bytes, read_size)
+    if read_size < 1:
+        raise ValueError(f"read_size must be at least 1, got {read_size}")
+
+    async def read() -> bytes:
+        return bytes(await source.receive_some(read_size))  # no copy when already bytes
+
+    pump = Pump(buffer_chunks=buffer_chunks, gauge=gauge)
+    return await pump.run(read, sink.send_all)
+
+
+def chunking_for(max_buffer_bytes: int, read_size: int) -> tuple[int, int]:
+    """Choose ``(read_size, buffer_chunks)`` whose bound fits ``max_buffer_bytes``.
+
+    Keeps ``read_size`` if at least one channel slot fits beside the two
+    in-hand chunks, else shrinks it to a third of the budget.
+
+    Raises:
+        ValueError: if ``max_buffer_bytes`` is below 3 bytes.
+    """
+    if max_buffer_bytes < 3:
+        raise ValueError(f"max_buffer_bytes must be at least 3, got {max_buffer_bytes}")
+    read_size = min(read_size, max_buffer_bytes // 3)
+    return read_size, max_buffer_bytes // read_size - 2
+
+
+async def relay_body(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    *,
+    buffer_chunks: int,
+    gauge: BufferGauge | None = None,
+) -> RelayStatistics:
+    """Pump one message body from ``source`` to ``sink``, then end the message.
+
+    h11 parses the body on the source side and frames it anew on the sink side
+    (Content-Length, chunked, or close-delimited as the sink's hop needs).
+    Trailers are dropped, as hop-by-hop ``Trailer`` is.
+
+    Memory: the same bound as ``relay``, with ``source.read_size`` as the
+    chunk size (a Data event never exceeds what one read returned plus the
+    unparsed rest of the previous one).
+
+    Raises:
+        ProxyError or ClientGone: from either side, as its endpoint translates
+        them. If the source fails, the sink's message is left unfinished, so
+        the receiver can tell the body is incomplete.
+    """
+
+    async def read() -> bytes:
+        while True:
+            event = await source.next_event()
+            if isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)  # h11 may hand out a bytearray
+            elif isinstance(event, h11.EndOfMessage):
+                return b""
+            else:  # pragma: no cover - h11 yields only Data/EndOfMessage here
+                raise AssertionError(f"unexpected h11 event in a body: {event!r}")
+
+    async def write(chunk: bytes) -> None:
+        await sink.send(h11.Data(data=chunk))
+
+    statistics = await Pump(buffer_chunks=buffer_chunks, gauge=gauge).run(read, write)
+    await sink.send(h11.EndOfMessage())
+    return statistics

@@ -1,0 +1,328 @@
+"""Serving proxy connections: one client connection, many exchanges.
+
+Per client connection (``handle_connection``):
+
+1. h11 (server role) reads a request head; a malformed one gets 400 or 431.
+2. The target comes from the absolute URI (forward mode) or the fixed
+   upstream (reverse mode); a new upstream connection is opened for the
+   exchange (connect timeout: 504; refused or unresolvable: 502).
+3. In the exchange's nursery, the request body is pumped client -> upstream
+   while this task waits for the response head (upstream timeout: 504, counted
+   from the end of the request body, so slow uploads are not cut), forwards
+   1xx responses, sends the head and pumps the response body upstream ->
+   client. Each pump is the bounded ``Pump`` of ``_relay``.
+4. If both messages completed and both sides allow it, the next request is read
+   from the same client connection (keep-alive).
+
+Failure containment: an error before the response head has been sent becomes
+an error response (``Connection: close``); after it, the client connection is
+closed with the body unfinished, so the client sees an incomplete transfer
+(h11's framing guarantees it: a short Content-Length body or a chunked body
+without its last chunk). Nothing a peer does escapes ``handle_connection``;
+``serve`` never sees a handler exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from ._config import ProxyConfig
+from ._errors import BadGateway, BadRequest, ClientGone, GatewayTimeout, ProxyError
+from ._h11_io import ClientEndpoint, UpstreamEndpoint
+from ._http import (
+    Target,
+    client_response_headers,
+    error_response,
+    forward_target,
+    reverse_target,
+    upstream_request_headers,
+)
+from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._upstream import OpenUpstream, open_tcp_upstream
+
+logger = logging.getLogger("trioproxy")
+
+# After an error response, how long and how much we keep reading (and
+# discarding) what the client still sends before closing. Closing a socket with
+# unread input makes the kernel send RST, which can destroy the error response
+# before the client reads it (the "lingering close" of nginx and Apache).
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+@attrs.define
+class ProxyMeters:
+    """Payload bytes held by the pumps, per direction, for tests and metrics.
+
+    Attributes:
+        request_bodies: bytes read from clients, not yet written upstream.
+        response_bodies: bytes read from upstreams, not yet written to clients.
+    """
+
+    request_bodies: BufferGauge = attrs.Factory(BufferGauge)
+    response_bodies: BufferGauge = attrs.Factory(BufferGauge)
+
+
+@attrs.frozen
+class _Context:
+    """What every exchange of one client connection needs."""
+
+    config: ProxyConfig
+    open_upstream: OpenUpstream
+    meters: ProxyMeters
+    client_host: str | None
+
+
+async def handle_connection(
+    stream: trio.abc.Stream,
+    config: ProxyConfig,
+    *,
+    open_upstream: OpenUpstream = open_tcp_upstream,
+    meters: ProxyMeters | None = None,
+) -> None:
+    """Serve proxy requests from one client until it leaves; then close ``stream``.
+
+    The public entry for applications that accept connections themselves:
+    any ``trio.abc.Stream`` works (TCP, TLS, Unix, in-memory).
+
+    Memory: per exchange, at most ``config.max_buffered_per_direction`` payload
+    bytes per direction, plus h11's buffers (see ``ProxyConfig``).
+
+    Args:
+        stream: the client connection; closed when this returns.
+        config: sizes, timeouts and mode.
+        open_upstream: connector ``(host, port) -> Stream``; TCP by default.
+        meters: counters of bytes held, shared across connections if given.
+
+    Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
+    is answered or logged at debug level; a bug in trioproxy is logged with
+    its traceback, and only this connection ends.
+    """
+    context = _Context(
+        config=config,
+        open_upstream=open_upstream,
+        meters=meters if meters is not None else ProxyMeters(),
+        client_host=_peer_host(stream),
+    )
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
+    client = ClientEndpoint(stream, conn, read_size=config.read_size)
+    try:
+        await _serve_requests(client, context)
+    except ClientGone as exc:
+        logger.debug("client %s left: %s", context.client_host, exc)
+    except Exception:
+        logger.exception("bug: unexpected error serving client %s", context.client_host)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
+    """Run exchanges on one client connection until it must close."""
+    while True:
+        try:
+            event = await client.next_event()
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed before a new request: a clean goodbye.
+            await _exchange(client, event, context)
+        except ProxyError as error:
+            await _end_with_error(client, error)
+            return
+        if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE:
+            return
+        client.conn.start_next_cycle()
+
+
+async def _end_with_error(client: ClientEndpoint, error: ProxyError) -> None:
+    """Answer ``error`` if no response has started, else abort; then linger."""
+    if not client.can_respond:
+        logger.info("aborting response after it started: %s", error.message)
+        return
+    logger.info("answering %d: %s", error.status_code, error.message)
+    response, body = error_response(error)
+    try:
+        await client.send(response)
+        await client.send(h11.Data(data=body))
+        await client.send(h11.EndOfMessage())
+    except ClientGone:
+        return
+    await _linger(client.stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then discard the client's remaining input for a moment.
+
+    Memory: reads into one reused-size buffer; discards at most
+    ``LINGER_MAX_BYTES`` for at most ``LINGER_SECONDS``.
+    """
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            discarded = 0
+            while discarded < LINGER_MAX_BYTES:
+                data = await stream.receive_some(64 * 1024)
+                if not data:
+                    return
+                discarded += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+
+
+async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
+    """Forward one request and its response; see the module comment."""
+    target = _target_for(request, context.config)
+    upstream_stream = await _connect(target, context)
+    try:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
+        upstream = UpstreamEndpoint(upstream_stream, conn, read_size=context.config.read_size)
+        headers = upstream_request_headers(
+            request.headers.raw_items(),
+            target=target,
+            client_host=context.client_host,
+            reverse=context.config.upstream is not None,
+        )
+        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
+        await _relay_messages(client, upstream, request, context)
+    finally:
+        await trio.aclose_forcefully(upstream_stream)
+
+
+def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
+    if request.method == b"CONNECT":
+        raise BadRequest("CONNECT tunnels are not supported")
+    if config.upstream is None:
+        return forward_target(request.target)
+    return reverse_target(request.target, config.upstream)
+
+
+async def _connect(target: Target, context: _Context) -> trio.abc.Stream:
+    """Open the upstream connection within ``connect_timeout`` (else 504)."""
+    timeout = context.config.connect_timeout
+    with trio.move_on_after(timeout):
+        return await context.open_upstream(target.host, target.port)
+    raise GatewayTimeout(f"connecting to {target.host}:{target.port} took over {timeout:g} s")
+
+
+async def _relay_messages(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    context: _Context,
+) -> None:
+    """Pump the request body up while the response comes down.
+
+    The response may start before the request body ends (an upstream may
+    answer early, e.g. 413); when the response is complete, an unfinished
+    upload is abandoned and the client connection will close.
+    """
+    config = context.config
+    head_deadline = trio.CancelScope()
+
+    async def send_request_body() -> None:
+        try:
+            await relay_body(
+                client,
+                upstream,
+                buffer_chunks=config.buffer_chunks,
+                gauge=context.meters.request_bodies,
+            )
+        except BadGateway as exc:
+            # The upstream stopped reading; its response (or its silence)
+            # tells the client what happened, so wait for that.
+            logger.debug("upstream stopped reading the request body: %s", exc)
+        head_deadline.deadline = trio.current_time() + config.upstream_timeout
+
+    with collapse_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_request_body)
+            response = await _receive_response_head(client, upstream, request, head_deadline)
+            await client.send(
+                h11.Response(
+                    status_code=response.status_code,
+                    headers=client_response_headers(response.headers.raw_items()),
+                    reason=response.reason,
+                )
+            )
+            await relay_body(
+                upstream,
+                client,
+                buffer_chunks=config.buffer_chunks,
+                gauge=context.meters.response_bodies,
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def _receive_response_head(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    deadline: trio.CancelScope,
+) -> h11.Response:
+    """Wait for the final response head, forwarding 1xx responses (except 101).
+
+    Raises:
+        GatewayTimeout: when ``deadline`` passes first.
+        BadGateway: when the upstream closes or answers nonsense.
+    """
+    with deadline:
+        while True:
+            event = await upstream.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    raise BadGateway("upstream switched protocols, which was not asked for")
+                if request.http_version == b"1.1":
+                    await client.send(
+                        h11.InformationalResponse(
+                            status_code=event.status_code,
+                            headers=client_response_headers(event.headers.raw_items()),
+                            reason=event.reason,
+                        )
+                    )
+                continue
+            raise BadGateway(f"upstream sent {type(event).__name__} instead of a response")
+    raise GatewayTimeout("the upstream did not send a response head in time")
+
+
+def _peer_host(stream: trio.abc.Stream) -> str | None:
+    """The client's IP address, if ``stream`` is a TCP socket stream."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    address: Any = stream.socket.getpeername()
+    return str(address[0])
+
+
+async def serve(
+    config: ProxyConfig,
+    *,
+    open_upstream: OpenUpstream = open_tcp_upstream,
+    meters: ProxyMeters | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``config.listen_host:listen_port`` and serve until cancelled.
+
+    Use ``await nursery.start(serve, config)`` to get the listeners (and so
+    the real port when ``listen_port`` is 0) once they accept connections.
+
+    Resource handling: each connection runs ``handle_connection`` in the
+    listeners' nursery and is closed when it ends; cancelling ``serve``
+    closes the listeners and every connection.
+    """
+    shared_meters = meters if meters is not None else ProxyMeters()
+    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_connection(stream, config, open_upstream=open_upstream, meters=shared_meters)
+
+    serve_listeners: Callable[..., Awaitable[None]] = trio.serve_listeners
+    await serve_listeners(handler, listeners, task_status=task_status)
