@@ -202,6 +202,7 @@ class RssSampler:
         self.pid = pid
         self.period = period
         self.peak_bytes = 0
+        self.last_bytes = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
@@ -216,6 +217,7 @@ class RssSampler:
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
+        self.last_bytes = total
         self.peak_bytes = max(self.peak_bytes, total)
         self.samples += 1
 

@@ -575,6 +575,7 @@ class Result:
     load: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     rss_start_mib: float | None = None
     peak_rss_mib: float | None = None
+    end_rss_mib: float | None = None  # after the last client left: is memory given back?
     rss_samples: int = 0
     closes_connections: bool = False
     errors: list[str] = attrs.field(factory=list)
@@ -624,6 +625,7 @@ def bench_one(name: str, starter: Starter, origin: Origin, args: argparse.Namesp
             result.rss_start_mib = sampler.peak_bytes / MIB
             measure(result, running, origin, args)
         result.peak_rss_mib = sampler.peak_bytes / MIB
+        result.end_rss_mib = sampler.last_bytes / MIB
         result.rss_samples = sampler.samples
     finally:
         if running.server is not None:
@@ -680,8 +682,8 @@ def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
         if r.closes_connections:
             out.append(
                 f"{r.name}: closes the client connection after every response (no keep-alive),"
-                " so each request pays a TCP connect; the client reconnects, and wrk counts"
-                " every close as a read error"
+                " so each request pays a TCP connect; the client reconnects (wrk counts each"
+                " close as a read error, loadgen.py as closed_by_server)"
             )
         for c, figures in r.load.items():
             bad = figures.get("errors", 0) + figures.get("non_2xx", 0)
@@ -829,7 +831,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     started = time.monotonic()
-    report = run(args)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        # run()'s finally blocks have stopped every process and removed the temp dir.
+        print("\ninterrupted; all benchmark processes stopped, nothing written", file=sys.stderr)
+        return 130
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     m = report["meta"]

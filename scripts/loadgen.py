@@ -57,6 +57,7 @@ class LoadStats:
     errors: int = 0
     non_2xx: int = 0
     connections: int = 0
+    closed_by_server: int = 0
 
 
 @attrs.frozen
@@ -91,6 +92,10 @@ def _request(target: Target) -> h11.Request:
     )
 
 
+class ClosedBeforeResponse(Exception):
+    """The server closed the connection before a byte of the response arrived."""
+
+
 async def _read_response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, int]:
     """Read one response to its end; return (status, body bytes)."""
     status = 0
@@ -98,7 +103,10 @@ async def _read_response(stream: trio.SocketStream, conn: h11.Connection) -> tup
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data and status == 0:
+                raise ClosedBeforeResponse
+            conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):
@@ -114,11 +122,22 @@ async def _requests_on_one_connection(target: Target, stats: LoadStats) -> None:
     stats.connections += 1
     async with stream:
         conn = h11.Connection(h11.CLIENT)
+        completed = 0
         while True:
             started = time.perf_counter()
-            await stream.send_all(conn.send(_request(target)) + conn.send(h11.EndOfMessage()))
-            status, _ = await _read_response(stream, conn)
+            try:
+                await stream.send_all(conn.send(_request(target)) + conn.send(h11.EndOfMessage()))
+                status, _ = await _read_response(stream, conn)
+            except (ClosedBeforeResponse, trio.BrokenResourceError):
+                if conn.their_state is h11.SEND_RESPONSE and completed:
+                    # A server without keep-alive that does not say "Connection:
+                    # close" (tinyproxy) closes after each response; like curl,
+                    # reopen without calling it an error.
+                    stats.closed_by_server += 1
+                    return
+                raise
             stats.latencies.append(time.perf_counter() - started)
+            completed += 1
             if not 200 <= status < 300:
                 stats.non_2xx += 1
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -130,7 +149,7 @@ async def _keep_requesting(target: Target, stats: LoadStats) -> None:
     while True:
         try:
             await _requests_on_one_connection(target, stats)
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError, ClosedBeforeResponse):
             stats.errors += 1
             await trio.sleep(RECONNECT_PAUSE)
 
@@ -161,6 +180,7 @@ async def run_load(target: Target, connections: int, duration: float) -> dict[st
         "errors": stats.errors,
         "non_2xx": stats.non_2xx,
         "connections_opened": stats.connections,
+        "closed_by_server": stats.closed_by_server,
     }
 
 
