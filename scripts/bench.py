@@ -62,7 +62,7 @@ from types import FrameType
 from typing import Any
 
 import attrs
-from _procs import ProcessFailed, RssSampler, Server, free_port
+from _procs import START_TIMEOUT, STOP_GRACE, ProcessFailed, RssSampler, Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -777,6 +777,7 @@ def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
         if wrk and auto
         else "loadgen.py",
         "python": sys.version.split()[0],
+        "commit": tool_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
         "trioproxy_args": args.trioproxy_args,
@@ -831,8 +832,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     started = time.monotonic()
+    worst = len(args.peers) * (
+        START_TIMEOUT
+        + args.download_timeout
+        + LOAD_GRACE
+        + len(args.connections) * (args.duration + LOAD_GRACE)
+        + STOP_GRACE
+    )
+    print(
+        f"bench: about {len(args.peers) * (2 + len(args.connections) * args.duration):.0f} s"
+        f" if all goes well, at most {worst / 60:.0f} min if every step times out",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         report = run(args)
+    except ProcessFailed as exc:
+        print(f"bench: the origin did not start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # run()'s finally blocks have stopped every process and removed the temp dir.
         print("\ninterrupted; all benchmark processes stopped, nothing written", file=sys.stderr)
