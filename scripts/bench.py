@@ -103,16 +103,24 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.lower() not in PROXY_ENV}
 
 
-def tool_version(argv: Sequence[str]) -> str:
-    """First line a tool prints about its version (some print to stderr)."""
+def first_output_line(argv: Sequence[str]) -> str:
+    """First line a command prints (some tools print their version to stderr)."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     lines = (done.stdout + done.stderr).strip().splitlines()
-    # "curl 7.88.1 (x86_64...) libcurl/...", "wrk debian/4.1.0-3 [epoll] Copyright":
-    # the name and version are the first two words.
-    return " ".join(lines[0].split()[:2]) if lines else "unknown"
+    return lines[0].strip() if lines else "unknown"
+
+
+_VERSION = re.compile(r"\d+\.\d+[\w.+~-]*")
+
+
+def tool_version(name: str, path: str, flag: str) -> str:
+    """ "nginx 1.22.1" from "nginx version: nginx/1.22.1", "wrk 4.1.0-3+b2" from
+    "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."."""
+    match = _VERSION.search(first_output_line([path, flag]))
+    return f"{name} {match.group(0) if match else '(version unknown)'}"
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -687,7 +695,12 @@ def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
             )
         for c, figures in r.load.items():
             bad = figures.get("errors", 0) + figures.get("non_2xx", 0)
-            if bad:
+            if bad and r.closes_connections and not figures.get("non_2xx"):
+                out.append(
+                    f"{r.name}: c={c}: {bad} socket errors for {figures['requests']}"
+                    " responses (the closes above, if about one per response)"
+                )
+            elif bad:
                 out.append(f"{r.name}: c={c}: {bad} socket errors or non-2xx responses")
     return out
 
@@ -761,10 +774,10 @@ def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
     curl, wrk = which("curl"), which("wrk")
     auto = args.client == "auto"
     versions = {}
-    for tool, argv in (("nginx", ["-v"]), ("haproxy", ["-v"]), ("tinyproxy", ["-v"])):
+    for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("tinyproxy", "-v")):
         path = which(tool)
         if path:
-            versions[tool] = tool_version([path, *argv])
+            versions[tool] = tool_version(tool, path, flag)
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "size_bytes": args.size,
@@ -772,12 +785,14 @@ def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
         "duration_s": args.duration,
         "connections": args.connections,
         "origin": origin.kind,
-        "download_client": tool_version([curl, "--version"]) if curl and auto else "loadgen.py",
-        "load_client": (tool_version([wrk, "--version"]) + " -t1")
+        "download_client": tool_version("curl", curl, "--version")
+        if curl and auto
+        else "loadgen.py",
+        "load_client": (tool_version("wrk", wrk, "--version") + " -t1")
         if wrk and auto
         else "loadgen.py",
         "python": sys.version.split()[0],
-        "commit": tool_version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "commit": first_output_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
         "trioproxy_args": args.trioproxy_args,
