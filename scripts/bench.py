@@ -735,7 +735,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where to write the results (default results/bench.json)",
     )
     parser.add_argument(
-        "--trioproxy-args", default="", help="extra arguments for python -m trioproxy (one string)"
+        "--trioproxy-args",
+        default="",
+        help="extra arguments for python -m trioproxy, one string; write it with '=' "
+        "(--trioproxy-args='--read-size 64KiB') so it is not taken for an option of ours",
     )
     parser.add_argument(
         "--download-timeout",
