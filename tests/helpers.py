@@ -131,3 +131,43 @@ async def start_proxy(nursery: trio.Nursery, config: trioproxy.ProxyConfig, **kw
     )
     port: int = listeners[0].socket.getsockname()[1]
     return port
+
+
+class CountingStream(trio.abc.Stream):
+    """Wraps a stream and counts the bytes that pass each way.
+
+    ``received`` is what the proxy pulled out of this stream; ``sent`` what it
+    wrote into it. ``closed`` turns true when the proxy closes it.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.received = 0
+        self.sent = 0
+        self.closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        self.sent += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        assert isinstance(self.inner, trio.abc.HalfCloseableStream)
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.inner.aclose()
+
+
+def pattern(size: int) -> bytes:
+    """Deterministic, non-repeating-looking payload of ``size`` bytes."""
+    block = bytes((i * 7 + i // 251) % 256 for i in range(65521))  # prime-sized block
+    return (block * (size // len(block) + 1))[:size]

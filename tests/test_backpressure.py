@@ -1,0 +1,132 @@
+"""Backpressure through the whole proxy, on in-memory streams.
+
+A client that stops reading (or an upstream that stops reading an upload)
+must stop the proxy from pulling more than the stated bound,
+(buffer_chunks + 2) x read_size, from the other side; once the slow side
+reads again, every byte arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import h11
+import trio
+import trio.testing
+
+import trioproxy
+from trioproxy._server import ProxyMeters
+
+from .helpers import CountingStream, UpstreamPort, pattern
+
+CONFIG = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=4096, buffer_chunks=3)
+BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
+SIZE = 2_000_000
+
+
+async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> h11.Event:
+    """Read only until h11 has a head; return it (nothing of the body is asked for)."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(1024)))
+
+
+async def test_slow_client_bounds_what_is_pulled_from_the_upstream() -> None:
+    """With a client that reads the head and then nothing, the proxy holds at
+    most the bound (and fills it), then resumes and delivers byte-exact."""
+    counted: list[CountingStream] = []
+
+    def counting_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+        proxy_side, origin_side = trio.testing.memory_stream_pair()
+        counted.append(CountingStream(proxy_side))
+        return counted[-1], origin_side
+
+    port = UpstreamPort(make_pair=counting_pair)
+    meters = ProxyMeters()
+    client, proxy_side = trio.testing.lockstep_stream_pair()
+    payload = pattern(SIZE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: trioproxy.handle_connection(
+                proxy_side, CONFIG, open_upstream=port.open_upstream, meters=meters
+            )
+        )
+        client_conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(method="GET", target="/big", headers=[("Host", "x")])
+        await client.send_all(client_conn.send(request) + client_conn.send(h11.EndOfMessage()))
+        origin = await port.accept()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SIZE
+        await origin.send_all(head + payload)  # the in-memory origin is infinitely fast
+        response = await receive_head(client, client_conn)
+        assert isinstance(response, h11.Response)
+
+        await trio.testing.wait_all_tasks_blocked()
+        body_pulled = counted[0].received - len(head)
+        assert body_pulled < SIZE  # the proxy stopped early
+        assert meters.response_bodies.held == body_pulled  # nothing delivered yet
+        assert (CONFIG.buffer_chunks + 1) * CONFIG.read_size <= body_pulled <= BOUND
+
+        digest = hashlib.sha256()
+        while True:
+            event = client_conn.next_event()
+            if event is h11.NEED_DATA:
+                client_conn.receive_data(bytes(await client.receive_some(65536)))
+            elif isinstance(event, h11.Data):
+                digest.update(event.data)
+            else:
+                break
+        assert isinstance(event, h11.EndOfMessage)
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        await trio.testing.wait_all_tasks_blocked()  # the writer resumes after the hand-off
+        assert meters.response_bodies.held == 0
+        assert meters.response_bodies.peak <= BOUND
+        await client.aclose()
+
+
+async def test_slow_upstream_bounds_what_is_pulled_from_an_upload() -> None:
+    """With an upstream that reads the request head and then nothing, the
+    proxy pulls at most the bound of the upload from the client, then
+    resumes and delivers it byte-exact."""
+    port = UpstreamPort(make_pair=trio.testing.lockstep_stream_pair)
+    meters = ProxyMeters()
+    client, raw_proxy_side = trio.testing.memory_stream_pair()
+    proxy_side = CountingStream(raw_proxy_side)
+    payload = pattern(SIZE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: trioproxy.handle_connection(
+                proxy_side, CONFIG, open_upstream=port.open_upstream, meters=meters
+            )
+        )
+        client_conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="PUT", target="/up", headers=[("Host", "x"), ("Content-Length", str(SIZE))]
+        )
+        head = client_conn.send(request)
+        await client.send_all(head + payload)  # the in-memory client is infinitely fast
+        origin = await port.accept()
+        origin_conn = h11.Connection(h11.SERVER)
+        assert isinstance(await receive_head(origin, origin_conn), h11.Request)
+
+        await trio.testing.wait_all_tasks_blocked()
+        body_pulled = proxy_side.received - len(head)
+        assert body_pulled < SIZE
+        assert meters.request_bodies.held == body_pulled
+        assert (CONFIG.buffer_chunks + 1) * CONFIG.read_size <= body_pulled <= BOUND
+
+        digest = hashlib.sha256()
+        while True:
+            event = origin_conn.next_event()
+            if event is h11.NEED_DATA:
+                origin_conn.receive_data(bytes(await origin.receive_some(65536)))
+            elif isinstance(event, h11.Data):
+                digest.update(event.data)
+            else:
+                break
+        assert isinstance(event, h11.EndOfMessage)
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        await trio.testing.wait_all_tasks_blocked()  # the writer resumes after the hand-off
+        assert meters.request_bodies.held == 0
+        nursery.cancel_scope.cancel()
