@@ -24,7 +24,7 @@ BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
 SIZE = 2_000_000
 
 
-async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> h11.Event:
+async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> object:
     """Read only until h11 has a head; return it (nothing of the body is asked for)."""
     while True:
         event = conn.next_event()

@@ -3,6 +3,7 @@
 Public API (everything else is private):
 
 * ``relay(source, sink, ...)`` - the bounded pump between any two trio streams.
+* ``tunnel(a, b, ...)`` - two bounded pumps, both ways, half-close passed on.
 * ``handle_connection(stream, config)`` - serve proxy requests on a stream
   your application accepted.
 * ``serve(config)`` - listen and serve until cancelled.
@@ -18,6 +19,9 @@ from ._relay import relay as relay
 from ._server import ProxyMeters as ProxyMeters
 from ._server import handle_connection as handle_connection
 from ._server import serve as serve
+from ._tunnel import Tunnel as Tunnel
+from ._tunnel import TunnelStatistics as TunnelStatistics
+from ._tunnel import tunnel as tunnel
 from ._upstream import OpenUpstream as OpenUpstream
 from ._upstream import open_tcp_upstream as open_tcp_upstream
 

@@ -22,6 +22,8 @@ class ProxyError(Exception):
 
     status_code: ClassVar[int] = 500
     reason: ClassVar[bytes] = b"Internal Server Error"
+    # Fields the error response must carry besides the usual ones (405: Allow).
+    response_fields: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -40,6 +42,16 @@ class Forbidden(ProxyError):
 
     status_code = 403
     reason = b"Forbidden"
+
+
+class MethodNotAllowed(ProxyError):
+    """The method has no meaning here (CONNECT to a reverse proxy)."""
+
+    status_code = 405
+    reason = b"Method Not Allowed"
+    # A reverse proxy forwards every method except CONNECT; this lists the
+    # standard ones (RFC 9110 9.3, RFC 5789) for the required Allow field.
+    response_fields = ((b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),)
 
 
 class ProxyAuthenticationRequired(ProxyError):

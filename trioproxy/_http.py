@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 import h11
 
-from ._config import Upstream
+from ._config import ProxyConfig, Upstream
 from ._errors import BadRequest, ProxyError
 
 Headers = list[tuple[bytes, bytes]]
@@ -222,6 +222,53 @@ def error_response(error: ProxyError) -> tuple[h11.Response, bytes]:
         (b"Content-Length", str(len(body)).encode("ascii")),
         (b"Connection", b"close"),
         (b"Via", VIA_VALUE),
+        *error.response_fields,
     ]
     response = h11.Response(status_code=error.status_code, headers=headers, reason=error.reason)
     return response, body
+
+
+# --- Tunnels: CONNECT targets and protocol upgrades --------------------------
+#
+# Connection and Upgrade are hop-by-hop, and ``end_to_end`` drops them. A
+# protocol upgrade is the one case where the client means them for the origin
+# too, so when the client asks for one, the pair is re-added towards the
+# upstream, and the upstream's 101 carries its pair back to the client.
+
+
+def connect_target(request_target: bytes) -> Target:
+    """Read a CONNECT target: authority-form ``host:port`` (RFC 9110 9.3.6).
+
+    Raises:
+        BadRequest: for any other form (a path, an absolute URI, a missing
+            port, credentials).
+    """
+    if any(c in request_target for c in (b"/", b"?", b"#")):
+        raise BadRequest("the CONNECT target must be host:port, such as example.com:443")
+    if not request_target.rpartition(b":")[2].isdigit():
+        raise BadRequest("the CONNECT target must name a port, such as example.com:443")
+    host, port = split_authority(request_target, default_port=0)
+    return Target(host=host, port=port, path=request_target, authority=request_target)
+
+
+def check_connect_target(target: Target, config: ProxyConfig) -> None:
+    """The seam for CONNECT access control (which hosts and ports may be tunnelled).
+
+    Allows every target for now; the policy is configured elsewhere.
+
+    Raises:
+        Forbidden: (once implemented) for a target the policy refuses.
+    """
+
+
+def upgrade_fields(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """The ``Connection: upgrade`` and ``Upgrade`` fields to pass on, if any.
+
+    A message asks for (or, as a 101, agrees to) a protocol switch when it has
+    an Upgrade field and Connection lists ``upgrade``. Returns both fields for
+    the next hop, or nothing when the message does not switch.
+    """
+    protocols = [value for name, value in headers if name.lower() == b"upgrade"]
+    if not protocols or b"upgrade" not in _connection_tokens(headers):
+        return []
+    return [(b"Connection", b"upgrade"), (b"Upgrade", b", ".join(protocols))]

@@ -13,6 +13,8 @@ Per client connection (``handle_connection``):
    client. Each pump is the bounded ``Pump`` of ``_relay``.
 4. If both messages completed and both sides allow it, the next request is read
    from the same client connection (keep-alive).
+5. CONNECT (forward mode only) and an upstream's 101 to an Upgrade request
+   end the HTTP part: the connection becomes a raw tunnel (``_switching``).
 
 Failure containment: an error before the response head has been sent becomes
 an error response (``Connection: close``); after it, the client connection is
@@ -34,17 +36,21 @@ import h11
 import trio
 
 from ._config import ProxyConfig
-from ._errors import BadGateway, BadRequest, ClientGone, GatewayTimeout, ProxyError
+from ._errors import BadGateway, ClientGone, GatewayTimeout, MethodNotAllowed, ProxyError
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import (
     Target,
+    check_connect_target,
     client_response_headers,
+    connect_target,
     error_response,
     forward_target,
     reverse_target,
+    upgrade_fields,
     upstream_request_headers,
 )
 from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 logger = logging.getLogger("trioproxy")
@@ -68,6 +74,8 @@ class ProxyMeters:
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
     response_bodies: BufferGauge = attrs.Factory(BufferGauge)
+    # Both directions of CONNECT and Upgrade tunnels.
+    tunnels: BufferGauge = attrs.Factory(BufferGauge)
 
 
 @attrs.frozen
@@ -130,6 +138,9 @@ async def _serve_requests(client: ClientEndpoint, context: _Context) -> None:
             event = await client.next_event()
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed before a new request: a clean goodbye.
+            if event.method == b"CONNECT":
+                await _serve_connect(client, event, context)
+                return
             await _exchange(client, event, context)
         except ProxyError as error:
             await _end_with_error(client, error)
@@ -175,6 +186,20 @@ async def _linger(stream: trio.abc.Stream) -> None:
             return
 
 
+async def _serve_connect(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
+    """Open a tunnel to the CONNECT target, or raise the error to answer."""
+    if context.config.upstream is not None:
+        raise MethodNotAllowed("CONNECT is not available on a reverse proxy")
+    target = connect_target(request.target)
+    check_connect_target(target, context.config)
+    await receive_connect_end(client)
+    upstream_stream = await _connect(target, context)
+    try:
+        await tunnel_after_connect(client, upstream_stream, context.config, context.meters.tunnels)
+    finally:
+        await trio.aclose_forcefully(upstream_stream)
+
+
 async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
     """Forward one request and its response; see the module comment."""
     target = _target_for(request, context.config)
@@ -188,6 +213,7 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
             client_host=context.client_host,
             reverse=context.config.upstream is not None,
         )
+        headers += upgrade_fields(request.headers.raw_items())
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
         await _relay_messages(client, upstream, request, context)
     finally:
@@ -195,8 +221,6 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
 
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
-    if request.method == b"CONNECT":
-        raise BadRequest("CONNECT tunnels are not supported")
     if config.upstream is None:
         return forward_target(request.target)
     return reverse_target(request.target, config.upstream)
@@ -224,6 +248,7 @@ async def _relay_messages(
     """
     config = context.config
     head_deadline = trio.CancelScope()
+    request_sent = trio.Event()
 
     async def send_request_body() -> None:
         try:
@@ -238,11 +263,21 @@ async def _relay_messages(
             # tells the client what happened, so wait for that.
             logger.debug("upstream stopped reading the request body: %s", exc)
         head_deadline.deadline = trio.current_time() + config.upstream_timeout
+        request_sent.set()
 
     with collapse_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_request_body)
             response = await _receive_response_head(client, upstream, request, head_deadline)
+            if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
+                # The switch happens after the whole request. An upstream that
+                # sends 101 and then neither reads the body nor closes stalls
+                # here, as it would stall any upload.
+                await request_sent.wait()
+                await tunnel_after_upgrade(
+                    client, upstream, response, config, context.meters.tunnels
+                )
+                return
             await client.send(
                 h11.Response(
                     status_code=response.status_code,
@@ -264,8 +299,11 @@ async def _receive_response_head(
     upstream: UpstreamEndpoint,
     request: h11.Request,
     deadline: trio.CancelScope,
-) -> h11.Response:
-    """Wait for the final response head, forwarding 1xx responses (except 101).
+) -> h11.Response | h11.InformationalResponse:
+    """Wait for the final response head, forwarding 1xx responses.
+
+    A 101 to a request that asked for an Upgrade is final too: it is returned
+    for the caller to switch to a tunnel.
 
     Raises:
         GatewayTimeout: when ``deadline`` passes first.
@@ -278,6 +316,8 @@ async def _receive_response_head(
                 return event
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
+                    if upgrade_fields(request.headers.raw_items()):
+                        return event
                     raise BadGateway("upstream switched protocols, which was not asked for")
                 if request.http_version == b"1.1":
                     await client.send(

@@ -1,0 +1,124 @@
+"""Turning an HTTP exchange into a tunnel: CONNECT's 2xx and Upgrade's 101.
+
+Both are the same move. A head is answered (``200 Connection established`` to
+CONNECT, the upstream's ``101 Switching Protocols`` to an Upgrade request),
+after which h11 says ``SWITCHED_PROTOCOL`` and the connection carries raw
+bytes. h11 may already have read bytes past the last head; it hands them out
+as ``conn.trailing_data``, and they go into the tunnel first, so no byte is
+lost (a TLS ClientHello sent right after CONNECT, a WebSocket frame sent right
+after the 101).
+
+The server decides when to switch; this module does the switch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h11
+import trio
+
+from ._config import ProxyConfig
+from ._errors import BadGateway, BadRequest
+from ._h11_io import ClientEndpoint, UpstreamEndpoint
+from ._http import VIA_VALUE, client_response_headers, upgrade_fields
+from ._relay import BufferGauge
+from ._tunnel import TunnelStatistics, tunnel
+
+logger = logging.getLogger("trioproxy")
+
+
+async def receive_connect_end(client: ClientEndpoint) -> None:
+    """Read the end of a CONNECT request, which must have no body.
+
+    Raises:
+        BadRequest: when the CONNECT request announces a body (it has no
+            defined meaning, and its bytes would be mistaken for the tunnel's).
+    """
+    event = await client.next_event()
+    if not isinstance(event, h11.EndOfMessage):
+        raise BadRequest("a CONNECT request must not have a body")
+
+
+async def tunnel_after_connect(
+    client: ClientEndpoint,
+    upstream_stream: trio.abc.Stream,
+    config: ProxyConfig,
+    gauge: BufferGauge,
+) -> TunnelStatistics:
+    """Answer ``200 Connection established``, then tunnel client <-> upstream.
+
+    Resource handling: both streams are closed when this returns.
+    """
+    await client.send(
+        h11.Response(
+            status_code=200, headers=[(b"Via", VIA_VALUE)], reason=b"Connection established"
+        )
+    )
+    return await _tunnel(client.stream, upstream_stream, client.conn, None, config, gauge)
+
+
+async def tunnel_after_upgrade(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    response: h11.InformationalResponse,
+    config: ProxyConfig,
+    gauge: BufferGauge,
+) -> TunnelStatistics:
+    """Forward the upstream's 101 with its Upgrade fields, then tunnel.
+
+    Call once the request body pump has ended; if it delivered the whole
+    request, both h11 connections can switch.
+
+    Resource handling: both streams are closed when this returns.
+
+    Raises:
+        BadGateway: if the request did not reach the upstream whole (it
+            switched, then stopped reading), so the switch cannot be made.
+    """
+    if upstream.conn.our_state is not h11.SWITCHED_PROTOCOL:
+        raise BadGateway("upstream switched protocols before it read the whole request")
+    raw = response.headers.raw_items()
+    await client.send(
+        h11.InformationalResponse(
+            status_code=101,
+            headers=[*client_response_headers(raw), *upgrade_fields(raw)],
+            reason=response.reason,
+        )
+    )
+    return await _tunnel(client.stream, upstream.stream, client.conn, upstream.conn, config, gauge)
+
+
+async def _tunnel(
+    client_stream: trio.abc.Stream,
+    upstream_stream: trio.abc.Stream,
+    client_conn: h11.Connection,
+    upstream_conn: h11.Connection | None,
+    config: ProxyConfig,
+    gauge: BufferGauge,
+) -> TunnelStatistics:
+    statistics = await tunnel(
+        client_stream,
+        upstream_stream,
+        read_size=config.read_size,
+        buffer_chunks=config.buffer_chunks,
+        gauge=gauge,
+        a_prefix=_trailing_bytes(client_conn),
+        b_prefix=_trailing_bytes(upstream_conn),
+    )
+    logger.debug(
+        "tunnel ended: %d bytes up, %d bytes down%s",
+        statistics.a_to_b.bytes_relayed,
+        statistics.b_to_a.bytes_relayed,
+        f" ({statistics.error})" if statistics.error else "",
+    )
+    return statistics
+
+
+def _trailing_bytes(conn: h11.Connection | None) -> bytes:
+    """What h11 read past the last head: at most ``read_size`` bytes, since the
+    endpoints stop reading as soon as h11 has a whole head."""
+    if conn is None:
+        return b""
+    assert conn.our_state is h11.SWITCHED_PROTOCOL, conn.our_state
+    return bytes(conn.trailing_data[0])
