@@ -1,0 +1,897 @@
+# Side-by-side benchmark: trioproxy against the proxies people would otherwise use.
+#
+# Why: trioproxy's claim is bounded memory at a reasonable speed. A memory bound
+# bought with a 10x slowdown is no bargain, and "reasonable" only means something
+# next to a baseline. So one command runs the same three measurements through
+# every proxy it can find, plus a direct connection, on one machine, in one run:
+#
+#   1. Throughput of one large download (default 1 GiB), and its ratio to direct.
+#      Client: curl -o /dev/null (its %{speed_download}), else loadgen.py.
+#   2. Requests/s and p50/p99 latency of 1 KiB responses on 1 and on 50
+#      keep-alive connections for --duration seconds.
+#      Client: wrk --latency with one thread (its Lua done() hook prints exact
+#      percentiles), else loadgen.py (trio + h11, keep-alive, per-request timing).
+#   3. Peak RSS of each proxy (process and all its children, summed; psutil,
+#      sampled every 0.25 s for the whole time its measurements run).
+#
+# How, and what keeps it fair:
+#   * Origin: nginx serving files from a tmpfs (/dev/shm) directory with sendfile,
+#     so the origin is never the bottleneck and disk never enters it. Without
+#     nginx: scripts/origin.py, else loadgen.py's origin (both trio; then the
+#     origin competes for CPU and the direct figure is the origin's speed).
+#   * Every peer gets one worker: nginx worker_processes 1, haproxy nbthread 1,
+#     Python proxies are one process. tinyproxy has no such knob (one thread per
+#     connection) and is a forward proxy, so it gets absolute-form requests.
+#   * nginx proxies with upstream keep-alive and proxy_max_temp_file_size 0
+#     (buffers in memory, never spools the download to disk); haproxy uses its
+#     default connection reuse. Neither logs requests.
+#   * Proxies run one at a time against the same origin; each is started fresh
+#     from a config written into a temp dir, checked with one request, measured,
+#     and stopped by PID (SIGTERM, then SIGKILL). Everything binds 127.0.0.1.
+#   * The machine is shared and small (client, proxy and origin share its
+#     cores), so figures are for comparison within one run, not absolutes. The
+#     load average before and after is recorded in the JSON. Nothing here
+#     asserts a timing; it prints figures.
+#
+# Bounded time: every client call has a timeout (download: --download-timeout;
+# load: --duration plus a grace period), every server start has one, and every
+# process started is stopped in a finally block, also on Ctrl-C and SIGTERM.
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import grp
+import http.client
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import attrs
+from _procs import START_TIMEOUT, STOP_GRACE, ProcessFailed, RssSampler, Server, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+
+PEERS = ("direct", "trioproxy", "naive_relay", "nginx", "haproxy", "tinyproxy")
+
+# Body size of the request-rate test: small enough that per-request overhead
+# (parsing, syscalls, scheduling) dominates, which is what req/s should show.
+SMALL_SIZE = 1024
+
+# Extra time a load run may take beyond --duration (process start, connect,
+# final report) before we call it hung.
+LOAD_GRACE = 30.0
+
+# tmpfs keeps disk out of the download test; fall back to the default temp dir
+# when /dev/shm is missing or too small for the file.
+SHM = Path("/dev/shm")
+
+# Where the servers live on Debian/Ubuntu when PATH is a non-root user's.
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+# Environment variables that would make curl talk to some other proxy.
+PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+MIB = 1024 * 1024
+
+
+# --- tools and sizes -------------------------------------------------------------
+
+
+def which(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS])
+    return shutil.which(name, path=path)
+
+
+def child_env() -> dict[str, str]:
+    """Our environment without proxy settings (curl honours http_proxy)."""
+    return {k: v for k, v in os.environ.items() if k.lower() not in PROXY_ENV}
+
+
+def first_output_line(argv: Sequence[str]) -> str:
+    """First line a command prints (some tools print their version to stderr)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+_VERSION = re.compile(r"\d+\.\d+[\w.+~-]*")
+
+
+def tool_version(name: str, path: str, flag: str) -> str:
+    """ "nginx 1.22.1" from "nginx version: nginx/1.22.1", "wrk 4.1.0-3+b2" from
+    "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."."""
+    match = _VERSION.search(first_output_line([path, flag]))
+    return f"{name} {match.group(0) if match else '(version unknown)'}"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse "1GiB", "100MB", "512M", "4096". KB/MB/GB are powers of 1000;
+    KiB/MiB/GiB and bare K/M/G are powers of 1024 (as curl and dd read them)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 100MB, 4096)")
+    number, prefix, binary, byte_suffix = match.groups()
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    decimal = bool(byte_suffix) and not binary and bool(prefix)
+    base = 1000 if decimal else 1024
+    return int(float(number) * base**power)
+
+
+def human_size(n: int) -> str:
+    units = (("GiB", 1024**3), ("GB", 10**9), ("MiB", MIB), ("MB", 10**6), ("KiB", 1024))
+    for unit, scale in units:
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+# --- the origin ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Origin:
+    kind: str
+    url: str  # http://127.0.0.1:PORT
+    big_path: str
+    small_path: str
+
+    @property
+    def hostport(self) -> str:
+        return self.url.removeprefix("http://")
+
+
+def make_workdir(size: int) -> Path:
+    """A temp dir for configs and files; on tmpfs if it has room for the big file."""
+    parent = None
+    if SHM.is_dir() and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > size * 1.2:
+        parent = str(SHM)
+    work = Path(tempfile.mkdtemp(prefix="trioproxy-bench-", dir=parent))
+    # nginx workers run as nobody when we are root; they must read the files.
+    work.chmod(0o755)
+    return work
+
+
+def write_file(path: Path, size: int) -> None:
+    """Write `size` bytes of a repeating non-zero pattern (real pages, not a sparse hole)."""
+    block = bytes(range(256)) * (MIB // 256)
+    with path.open("wb") as out:
+        remaining = size
+        while remaining:
+            chunk = block if remaining >= len(block) else block[:remaining]
+            out.write(chunk)
+            remaining -= len(chunk)
+    path.chmod(0o644)
+
+
+def nginx_user_line() -> str:
+    """nginx as root drops workers to nobody; name its primary group (nogroup on Debian)."""
+    if os.geteuid() != 0:
+        return ""
+    nobody = pwd.getpwnam("nobody")
+    return f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
+
+
+def nginx_common(work: Path, name: str) -> str:
+    """The parts of an nginx config that keep it inside our temp dir, quiet, one worker."""
+    temp = work / f"{name}-temp"
+    temp.mkdir(mode=0o777, exist_ok=True)
+    return f"""
+{nginx_user_line()}
+worker_processes 1;
+daemon off;
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+
+def nginx_http_common(work: Path, name: str) -> str:
+    temp = work / f"{name}-temp"
+    paths = "\n".join(
+        f"    {kind}_temp_path {temp}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # keepalive_requests: the default (1000) would close wrk's connection every
+    # 1000 responses and turn a keep-alive test into a reconnect test.
+    return f"""
+    access_log off;
+{paths}
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+"""
+
+
+def start_nginx_process(nginx: str, work: Path, name: str, conf: str, port: int) -> Server:
+    path = work / f"{name}.conf"
+    path.write_text(conf)
+    server = Server(
+        name, [nginx, "-p", str(work), "-c", str(path), "-e", str(work / f"{name}-error.log")]
+    )
+    try:
+        server.wait_for_port(port)
+    except ProcessFailed:
+        server.stop()
+        raise
+    return server
+
+
+def start_nginx_origin(nginx: str, work: Path, size: int, stack: contextlib.ExitStack) -> Origin:
+    docroot = work / "docroot"
+    docroot.mkdir(mode=0o755)
+    write_file(docroot / "big", size)
+    write_file(docroot / "small", SMALL_SIZE)
+    port = free_port()
+    conf = (
+        nginx_common(work, "nginx-origin")
+        + f"""
+http {{
+{nginx_http_common(work, "nginx-origin")}
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {docroot};
+    }}
+}}
+"""
+    )
+    stack.enter_context(start_nginx_process(nginx, work, "nginx-origin", conf, port))
+    return Origin("nginx (files on tmpfs)", f"http://127.0.0.1:{port}", "/big", "/small")
+
+
+def start_python_origin(size: int, stack: contextlib.ExitStack) -> Origin:
+    origin_py = SCRIPTS / "origin.py"
+    if origin_py.exists():
+        kind, argv = "scripts/origin.py", [sys.executable, str(origin_py)]
+    else:
+        kind, argv = "loadgen.py origin", [sys.executable, str(SCRIPTS / "loadgen.py"), "origin"]
+    server = stack.enter_context(Server("origin", [*argv, "--listen", "127.0.0.1:0"], cwd=REPO))
+    url = server.wait_for_url()
+    return Origin(kind, url, f"/bytes/{size}", "/small")
+
+
+# --- the proxies ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Running:
+    """A proxy ready for clients. `via` is set for forward proxies (absolute-form)."""
+
+    server: Server | None
+    connect: str  # host:port the client connects to
+    via: bool = False
+
+
+Starter = Callable[[Path, Origin, argparse.Namespace], Running]
+
+
+def start_direct(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    return Running(None, origin.hostport)
+
+
+def start_python_proxy(name: str, argv: list[str]) -> Running:
+    env = child_env()
+    # Benchmark this worktree's package, not whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    server = Server(name, argv, cwd=REPO, env=env)
+    try:
+        url = server.wait_for_url()
+    except ProcessFailed:
+        server.stop()
+        raise
+    return Running(server, url.removeprefix("http://"))
+
+
+def start_trioproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    extra = shlex.split(args.trioproxy_args)
+    argv = [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0"]
+    return start_python_proxy("trioproxy", [*argv, "--upstream", origin.url, *extra])
+
+
+def start_naive_relay(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    argv = [sys.executable, str(SCRIPTS / "naive_relay.py"), "--listen", "127.0.0.1:0"]
+    return start_python_proxy("naive_relay", [*argv, "--upstream", origin.url])
+
+
+def start_nginx_proxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    nginx = which("nginx")
+    assert nginx is not None
+    port = free_port()
+    conf = (
+        nginx_common(work, "nginx-proxy")
+        + f"""
+http {{
+{nginx_http_common(work, "nginx-proxy")}
+    upstream origin {{
+        server {origin.hostport};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+    )
+    server = start_nginx_process(nginx, work, "nginx-proxy", conf, port)
+    return Running(server, f"127.0.0.1:{port}")
+
+
+def start_haproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    haproxy = which("haproxy")
+    assert haproxy is not None
+    port = free_port()
+    conf = work / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend origin
+
+backend origin
+    server origin {origin.hostport}
+""")
+    server = Server("haproxy", [haproxy, "-db", "-f", str(conf)], env=child_env())
+    try:
+        server.wait_for_port(port)
+    except ProcessFailed:
+        server.stop()
+        raise
+    return Running(server, f"127.0.0.1:{port}")
+
+
+def start_tinyproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    tinyproxy = which("tinyproxy")
+    assert tinyproxy is not None
+    port = free_port()
+    # As root tinyproxy drops to an unprivileged user; it must still write its log.
+    user = "User nobody\nGroup nogroup\n" if os.geteuid() == 0 else ""
+    logdir = work / "tinyproxy"
+    logdir.mkdir(mode=0o777, exist_ok=True)
+    logdir.chmod(0o777)
+    conf = work / "tinyproxy.conf"
+    conf.write_text(f"""{user}Port {port}
+Listen 127.0.0.1
+Timeout 120
+MaxClients 1024
+Allow 127.0.0.1
+LogLevel Error
+LogFile "{logdir}/tinyproxy.log"
+PidFile "{logdir}/tinyproxy.pid"
+""")
+    server = Server("tinyproxy", [tinyproxy, "-d", "-c", str(conf)], env=child_env())
+    try:
+        server.wait_for_port(port)
+    except ProcessFailed:
+        server.stop()
+        raise
+    return Running(server, f"127.0.0.1:{port}", via=True)
+
+
+def available(name: str, args: argparse.Namespace) -> tuple[Starter | None, str]:
+    """The starter for a peer, or None and the reason it is skipped."""
+    if name == "direct":
+        return start_direct, ""
+    if name == "trioproxy":
+        if not (REPO / "trioproxy" / "__main__.py").exists():
+            return None, "trioproxy/__main__.py not in this checkout yet"
+        return start_trioproxy, ""
+    if name == "naive_relay":
+        if not (SCRIPTS / "naive_relay.py").exists():
+            return None, "scripts/naive_relay.py not in this checkout"
+        return start_naive_relay, ""
+    starters: dict[str, Starter] = {
+        "nginx": start_nginx_proxy,
+        "haproxy": start_haproxy,
+        "tinyproxy": start_tinyproxy,
+    }
+    if which(name) is None:
+        return None, f"{name} not installed"
+    return starters[name], ""
+
+
+# --- the clients ---------------------------------------------------------------------------
+
+
+def request_target(running: Running, origin: Origin, path: str) -> tuple[str, str]:
+    """(URL the client is given, request-target it sends); absolute-form via a forward proxy."""
+    if running.via:
+        return f"http://{origin.hostport}{path}", f"http://{origin.hostport}{path}"
+    return f"http://{running.connect}{path}", path
+
+
+def _get_small(conn: http.client.HTTPConnection, target: str, host: str) -> str | None:
+    conn.request("GET", target, headers={"Host": host})
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200 or len(body) != SMALL_SIZE:
+        return f"check request got {response.status} with {len(body)} bytes"
+    return None
+
+
+def check_proxy(running: Running, origin: Origin) -> tuple[str | None, bool]:
+    """Two GETs of the small file through the proxy on one connection.
+
+    Returns:
+        (None if the first worked, else why not; whether the proxy closed the
+        connection after the first response, i.e. offers no keep-alive. tinyproxy
+        does this without saying "Connection: close", so we try a second request.)
+    """
+    host, _, port = running.connect.rpartition(":")
+    _, target = request_target(running, origin, origin.small_path)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        try:
+            problem = _get_small(conn, target, origin.hostport)
+        except (OSError, http.client.HTTPException) as exc:
+            return f"check request failed: {exc!r}", False
+        if problem or conn.sock is None:  # sock is None: it said Connection: close
+            return problem, True
+        try:
+            _get_small(conn, target, origin.hostport)
+        except (OSError, http.client.HTTPException):
+            return None, True
+        return None, False
+    finally:
+        conn.close()
+
+
+def run_json(argv: Sequence[str], timeout: float, marker: str = "") -> dict[str, Any]:
+    """Run a client; return the JSON object on the last stdout line `marker` + "{...}"."""
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=child_env()
+    )
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(marker + "{"):
+            result: dict[str, Any] = json.loads(line.removeprefix(marker))
+            return result
+    raise RuntimeError(f"{argv[0]} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+
+
+def download(
+    running: Running, origin: Origin, size: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One download of the big file; bytes, seconds, MiB/s."""
+    url, _ = request_target(running, origin, origin.big_path)
+    curl = which("curl")
+    if curl and args.client == "auto":
+        argv = [curl, "-sS", "-o", "/dev/null", "--max-time", str(args.download_timeout)]
+        # %{json} (curl >= 7.70): every -w variable, properly quoted.
+        argv += ["-w", "%{json}\\n"]
+        if running.via:
+            argv += ["-x", f"http://{running.connect}"]
+        raw = run_json([*argv, url], args.download_timeout + LOAD_GRACE)
+        if raw.get("exitcode"):
+            raise RuntimeError(f"curl: {raw.get('errormsg')}")
+        result = {
+            "status": raw["http_code"],
+            "bytes": raw["size_download"],
+            "bytes_per_s": raw["speed_download"],
+            "seconds": raw["time_total"],
+        }
+    else:
+        argv = [sys.executable, str(SCRIPTS / "loadgen.py"), "download", url]
+        if running.via:
+            argv += ["--via", running.connect]
+        result = run_json(argv, args.download_timeout)
+    if result["status"] != 200 or result["bytes"] != size:
+        raise RuntimeError(f"download got status {result['status']}, {result['bytes']} bytes")
+    return {
+        "bytes": result["bytes"],
+        "seconds": result["seconds"],
+        "mib_per_s": result["bytes_per_s"] / MIB,
+    }
+
+
+WRK_SCRIPT = """-- written by scripts/bench.py: request path and exact percentiles as JSON
+wrk.path = "{path}"
+wrk.headers["Host"] = "{host}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {{"requests": %d, "duration_us": %d, "p50_us": %.1f, "p99_us": %.1f, ' ..
+    '"errors": %d, "non_2xx": %d}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+def load_wrk(
+    wrk: str, running: Running, origin: Origin, connections: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    _, target = request_target(running, origin, origin.small_path)
+    script = args.workdir / "bench.lua"
+    script.write_text(WRK_SCRIPT.format(path=target, host=origin.hostport))
+    # One thread: wrk drives 50 connections from one thread easily, and the
+    # other core stays for the proxy and the origin.
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{args.duration:g}s", "--latency"]
+    argv += ["-s", str(script), f"http://{running.connect}/"]
+    raw = run_json(argv, args.duration + LOAD_GRACE, "BENCH_JSON ")
+    return {
+        "requests": raw["requests"],
+        "requests_per_s": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "errors": raw["errors"],
+        "non_2xx": raw["non_2xx"],
+    }
+
+
+def load(
+    running: Running, origin: Origin, connections: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Requests/s and latency of the small file on `connections` keep-alive connections."""
+    wrk = which("wrk")
+    if wrk and args.client == "auto":
+        return load_wrk(wrk, running, origin, connections, args)
+    url, _ = request_target(running, origin, origin.small_path)
+    argv = [sys.executable, str(SCRIPTS / "loadgen.py"), "load", url]
+    argv += ["--connections", str(connections), "--duration", str(args.duration)]
+    if running.via:
+        argv += ["--via", running.connect]
+    return run_json(argv, args.duration + LOAD_GRACE)
+
+
+# --- one peer, all peers -------------------------------------------------------------------
+
+
+@attrs.define
+class Result:
+    name: str
+    download: dict[str, Any] | None = None
+    ratio_to_direct: float | None = None
+    load: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    rss_start_mib: float | None = None
+    peak_rss_mib: float | None = None
+    end_rss_mib: float | None = None  # after the last client left: is memory given back?
+    rss_samples: int = 0
+    closes_connections: bool = False
+    errors: list[str] = attrs.field(factory=list)
+
+
+def attempt(result: Result, what: str, func: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run one measurement; a failure is recorded and the run goes on."""
+    try:
+        return func()
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        result.errors.append(f"{what}: {exc}")
+        return None
+
+
+def measure(result: Result, running: Running, origin: Origin, args: argparse.Namespace) -> None:
+    problem, result.closes_connections = check_proxy(running, origin)
+    if problem:
+        result.errors.append(problem)
+        return
+    result.download = attempt(
+        result, "download", functools.partial(download, running, origin, args.size, args)
+    )
+    for connections in args.connections:
+        figures = attempt(
+            result,
+            f"load c={connections}",
+            functools.partial(load, running, origin, connections, args),
+        )
+        if figures is not None:
+            result.load[str(connections)] = figures
+
+
+def bench_one(name: str, starter: Starter, origin: Origin, args: argparse.Namespace) -> Result:
+    result = Result(name)
+    print(f"--- {name}", file=sys.stderr, flush=True)
+    try:
+        running = starter(args.workdir, origin, args)
+    except ProcessFailed as exc:
+        result.errors.append(str(exc))
+        return result
+    try:
+        if running.server is None:
+            measure(result, running, origin, args)
+            return result
+        sampler = RssSampler(running.server.pid)
+        with sampler.running():
+            result.rss_start_mib = sampler.peak_bytes / MIB
+            measure(result, running, origin, args)
+        result.peak_rss_mib = sampler.peak_bytes / MIB
+        result.end_rss_mib = sampler.last_bytes / MIB
+        result.rss_samples = sampler.samples
+    finally:
+        if running.server is not None:
+            running.server.stop()
+    return result
+
+
+def add_ratios(results: list[Result]) -> None:
+    direct = next((r for r in results if r.name == "direct" and r.download), None)
+    if direct is None or direct.download is None:
+        return
+    for result in results:
+        if result.download:
+            result.ratio_to_direct = result.download["mib_per_s"] / direct.download["mib_per_s"]
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def latency_cell(figures: dict[str, Any] | None) -> str:
+    if not figures:
+        return "-"
+    return f"{cell(figures['p50_ms'], '.2f')} / {cell(figures['p99_ms'], '.2f')}"
+
+
+def markdown_table(results: list[Result], args: argparse.Namespace) -> str:
+    size = human_size(args.size)
+    head = ["proxy", f"{size} MiB/s", "vs direct"]
+    for c in args.connections:
+        head += [f"req/s c={c}", f"p50 / p99 ms c={c}"]
+    # Start next to peak: a Python proxy's ~25 MiB is mostly the interpreter,
+    # and the growth during a 1 GiB download is what the bound is about.
+    head.append("RSS MiB start / peak")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r.name]
+        row.append(cell(r.download["mib_per_s"] if r.download else None, ".0f"))
+        row.append(cell(r.ratio_to_direct, ".2f"))
+        for c in args.connections:
+            figures = r.load.get(str(c))
+            row.append(cell(figures["requests_per_s"] if figures else None, ".0f"))
+            row.append(latency_cell(figures))
+        rss = f"{cell(r.rss_start_mib, '.1f')} / {cell(r.peak_rss_mib, '.1f')}"
+        row.append(rss if r.name != "direct" else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
+    out = [f"{name}: skipped ({why})" for name, why in skipped.items()]
+    for r in results:
+        out += [f"{r.name}: {error}" for error in r.errors]
+        if r.closes_connections:
+            out.append(
+                f"{r.name}: closes the client connection after every response (no keep-alive),"
+                " so each request pays a TCP connect; the client reconnects (wrk counts each"
+                " close as a read error, loadgen.py as closed_by_server)"
+            )
+        for c, figures in r.load.items():
+            bad = figures.get("errors", 0) + figures.get("non_2xx", 0)
+            if bad and r.closes_connections and not figures.get("non_2xx"):
+                out.append(
+                    f"{r.name}: c={c}: {bad} socket errors for {figures['requests']}"
+                    " responses (the closes above, if about one per response)"
+                )
+            elif bad:
+                out.append(f"{r.name}: c={c}: {bad} socket errors or non-2xx responses")
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark trioproxy side by side with direct, naive_relay, nginx, "
+        "haproxy and tinyproxy (whichever are present)."
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=parse_size("1GiB"),
+        help="download size (default 1GiB; 100MB = 10^8, 100MiB = 100*2^20)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per requests/s run (default 10)"
+    )
+    parser.add_argument(
+        "--connections",
+        default="1,50",
+        help="keep-alive connection counts for the req/s runs (default 1,50)",
+    )
+    parser.add_argument("--only", help=f"comma-separated subset of: {','.join(PEERS)}")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=REPO / "results" / "bench.json",
+        help="where to write the results (default results/bench.json)",
+    )
+    parser.add_argument(
+        "--trioproxy-args",
+        default="",
+        help="extra arguments for python -m trioproxy, one string; write it with '=' "
+        "(--trioproxy-args='--read-size 64KiB') so it is not taken for an option of ours",
+    )
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a single download may take (default 120)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["auto", "bundled"],
+        default="auto",
+        help="auto: curl and wrk when installed; bundled: always loadgen.py",
+    )
+    parser.add_argument(
+        "--origin",
+        choices=["auto", "bundled"],
+        default="auto",
+        help="auto: nginx when installed; bundled: the trio origin",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--connections wants numbers like 1,50, got {args.connections!r}")
+    if not args.connections or min(args.connections) < 1:
+        parser.error("--connections needs at least one count >= 1")
+    names = args.only.split(",") if args.only else list(PEERS)
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    args.peers = [p for p in PEERS if p in names]
+    return args
+
+
+def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
+    curl, wrk = which("curl"), which("wrk")
+    auto = args.client == "auto"
+    versions = {}
+    for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("tinyproxy", "-v")):
+        path = which(tool)
+        if path:
+            versions[tool] = tool_version(tool, path, flag)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "size_bytes": args.size,
+        "small_bytes": SMALL_SIZE,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "origin": origin.kind,
+        "download_client": tool_version("curl", curl, "--version")
+        if curl and auto
+        else "loadgen.py",
+        "load_client": (tool_version("wrk", wrk, "--version") + " -t1")
+        if wrk and auto
+        else "loadgen.py",
+        "python": sys.version.split()[0],
+        "commit": first_output_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "trioproxy_args": args.trioproxy_args,
+        "versions": versions,
+    }
+
+
+def raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def workdir(size: int) -> Iterator[Path]:
+    path = make_workdir(size)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    skipped: dict[str, str] = {}
+    starters: list[tuple[str, Starter]] = []
+    for name in args.peers:
+        starter, why = available(name, args)
+        if starter is None:
+            skipped[name] = why
+        else:
+            starters.append((name, starter))
+    with workdir(args.size) as work, contextlib.ExitStack() as stack:
+        args.workdir = work
+        nginx = which("nginx")
+        if nginx and args.origin == "auto":
+            origin = start_nginx_origin(nginx, work, args.size, stack)
+        else:
+            origin = start_python_origin(args.size, stack)
+        info = meta(args, origin)
+        print(f"origin: {origin.kind} at {origin.url}", file=sys.stderr, flush=True)
+        results = [bench_one(name, starter, origin, args) for name, starter in starters]
+    add_ratios(results)
+    info["loadavg_after"] = os.getloadavg()
+    return {
+        "meta": info,
+        "results": [attrs.asdict(r) for r in results],
+        "skipped": skipped,
+        "table": markdown_table(results, args),
+        "notes": notes(results, skipped),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    started = time.monotonic()
+    worst = len(args.peers) * (
+        START_TIMEOUT
+        + args.download_timeout
+        + LOAD_GRACE
+        + len(args.connections) * (args.duration + LOAD_GRACE)
+        + STOP_GRACE
+    )
+    print(
+        f"bench: about {len(args.peers) * (2 + len(args.connections) * args.duration):.0f} s"
+        f" if all goes well, at most {worst / 60:.0f} min if every step times out",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        report = run(args)
+    except ProcessFailed as exc:
+        print(f"bench: the origin did not start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # run()'s finally blocks have stopped every process and removed the temp dir.
+        print("\ninterrupted; all benchmark processes stopped, nothing written", file=sys.stderr)
+        return 130
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    m = report["meta"]
+    print()
+    print(f"origin: {m['origin']}; download: {m['download_client']}; load: {m['load_client']}")
+    print(
+        f"{m['cpus']} CPUs, load average before/after: "
+        f"{m['loadavg_before'][0]:.2f} / {m['loadavg_after'][0]:.2f}; "
+        f"{time.monotonic() - started:.0f} s in total"
+    )
+    print()
+    print(report["table"])
+    for note in report["notes"]:
+        print(f"- {note}")
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
