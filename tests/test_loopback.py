@@ -158,6 +158,26 @@ async def test_client_leaving_closes_the_upstream_within_a_second() -> None:
         assert trio.current_time() - left_at < 1
 
 
+async def test_reverse_mode_adds_forwarding_fields_over_tcp() -> None:
+    """Over a real socket, reverse mode tells the origin the client's address,
+    the scheme and the Host the client asked for."""
+    async with running("reverse") as setup:
+
+        def fetch() -> bytes:
+            connection = http.client.HTTPConnection("127.0.0.1", setup.proxy_port, timeout=10)
+            connection.request("GET", "/echo?a=%2F", headers={"Host": "public.example"})
+            body = connection.getresponse().read()
+            connection.close()
+            return body
+
+        lines = (await trio.to_thread.run_sync(fetch)).split(b"\n")
+        assert lines[0] == b"GET /echo?a=%2F"
+        assert b"X-Forwarded-For: 127.0.0.1" in lines
+        assert b"X-Forwarded-Proto: http" in lines
+        assert b"X-Forwarded-Host: public.example" in lines
+        assert b"Via: 1.1 trioproxy" in lines
+
+
 async def test_keep_alive_with_http_client() -> None:
     """http.client reuses one connection for several requests, HEAD included."""
     async with running("reverse") as setup:
