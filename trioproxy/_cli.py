@@ -155,6 +155,12 @@ def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
         "a second signal cuts them at once",
     )
     parser.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_false",
+        help="never use the zero-copy splice(2) path; always relay through user space",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -191,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         stall_timeout=args.stall_timeout,
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
+        splice=args.splice,
     )
 
 
