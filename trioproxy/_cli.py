@@ -190,6 +190,12 @@ def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
     )
     parser.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_false",
+        help="never use the zero-copy splice(2) path; always relay through user space",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -228,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         shutdown_timeout=args.shutdown_timeout,
         max_buffer_memory=args.max_buffer_memory,
         metrics_listen=args.metrics,
+        splice=args.splice,
     )
 
 

@@ -162,6 +162,15 @@ class ProxyConfig:
 
     # --- end memory budget and metrics ---
 
+    # --- Zero-copy relay (issue 5) ---
+    # Move CONNECT/Upgrade tunnels and large Content-Length response bodies
+    # socket-to-socket with splice(2) on Linux, through a kernel pipe of
+    # max_buffered_per_direction bytes (rounded down to pages): the same
+    # bound, in the kernel, and zero payload bytes in user space. Where splice
+    # cannot work (TLS, non-socket streams, other systems) or does not pay
+    # (small or chunked bodies), the channel relay runs anyway; False forces it.
+    splice: bool = True
+
     @property
     def mode(self) -> str:
         """``"reverse"`` with a fixed upstream, else ``"forward"``."""

@@ -40,6 +40,7 @@ import h11
 import trio
 
 from ._accesslog import AccessRecord, logged_exchange
+from ._body_splice import relay_response_body
 from ._config import ProxyConfig
 from ._errors import BadGateway, ClientGone, GatewayTimeout, MethodNotAllowed, ProxyError
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
@@ -330,10 +331,12 @@ async def _relay_messages(
                     )
                 )
             context.meters.count_response(response.status_code)
-            await relay_body(
+            await relay_response_body(  # by splice(2) when it can (_body_splice)
                 upstream,
                 client,
-                buffer_chunks=config.buffer_chunks,
+                request,
+                response,
+                config=config,
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
                 budget=context.meters.budget,

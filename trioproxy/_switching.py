@@ -23,6 +23,7 @@ from ._errors import BadGateway, BadRequest
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import VIA_VALUE, client_response_headers, upgrade_fields
 from ._relay import BufferGauge
+from ._splice import splice_pipe_size
 from ._tunnel import TunnelStatistics, tunnel
 
 logger = logging.getLogger("trioproxy")
@@ -105,6 +106,8 @@ async def _tunnel(
         gauge=gauge,
         a_prefix=_trailing_bytes(client_conn),
         b_prefix=_trailing_bytes(upstream_conn),
+        # Zero-copy where both are plain sockets on Linux (and not --no-splice).
+        splice_pipe_size=splice_pipe_size(config, client_stream, upstream_stream, None),
     )
     logger.debug(
         "tunnel ended: %d bytes up, %d bytes down%s",

@@ -21,6 +21,11 @@ Bytes that h11 has already read past a head (``conn.trailing_data``: a TLS
 ClientHello pipelined after CONNECT, a WebSocket frame right after the 101)
 are passed in as a prefix and go out before anything read later, so no byte
 is lost.
+
+Zero-copy: given ``splice_pipe_size``, each direction is a ``_splice.SplicePump``
+instead of a channel pump (the caller checks ``can_splice`` first). Half-close,
+prefixes and failure containment are the same; the per-direction bound is
+then the pipe's size, in the kernel, with no payload bytes in user space.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import attrs
 import trio
 
 from ._relay import BufferGauge, Pump, ReadChunk, RelayStatistics
+from ._splice import SplicePump
 
 # The ways a peer ends a tunnel abruptly: a reset or broken connection, or a
 # stream that was closed under us. Translated into ``TunnelStatistics.error``.
@@ -58,23 +64,39 @@ class Tunnel:
     it runs, from another task). ``tunnel()`` does both in one call.
 
     Memory: at most ``2 * (buffer_chunks + 2) * read_size`` payload bytes held
-    at any moment: two pumps, each bounded as ``_relay.Pump`` is.
+    at any moment: two pumps, each bounded as ``_relay.Pump`` is. With
+    ``splice_pipe_size``: none in user space (the prefixes aside), and at
+    most ``2 * splice_pipe_size`` bytes in the kernel's pipes.
 
     Args:
         read_size: the largest chunk read at once, in bytes, at least 1.
         buffer_chunks: each direction's channel capacity N, at least 1.
         gauge: counts the bytes held by both directions; shared if given.
+        splice_pipe_size: splice each direction through a pipe of this many
+            bytes; both streams must then be plain ``trio.SocketStream``s
+            (see ``_splice.can_splice``). None: the channel pumps.
     """
 
     def __init__(
-        self, *, read_size: int, buffer_chunks: int, gauge: BufferGauge | None = None
+        self,
+        *,
+        read_size: int,
+        buffer_chunks: int,
+        gauge: BufferGauge | None = None,
+        splice_pipe_size: int | None = None,
     ) -> None:
         if read_size < 1:
             raise ValueError(f"read_size must be at least 1, got {read_size}")
         self.gauge = gauge if gauge is not None else BufferGauge()
         self._read_size = read_size
-        self._a_to_b = Pump(buffer_chunks=buffer_chunks, gauge=self.gauge)
-        self._b_to_a = Pump(buffer_chunks=buffer_chunks, gauge=self.gauge)
+        self._a_to_b: Pump | SplicePump
+        self._b_to_a: Pump | SplicePump
+        if splice_pipe_size is None:
+            self._a_to_b = Pump(buffer_chunks=buffer_chunks, gauge=self.gauge)
+            self._b_to_a = Pump(buffer_chunks=buffer_chunks, gauge=self.gauge)
+        else:
+            self._a_to_b = SplicePump(pipe_size=splice_pipe_size)
+            self._b_to_a = SplicePump(pipe_size=splice_pipe_size)
         self._error: str | None = None
 
     def statistics(self) -> TunnelStatistics:
@@ -124,11 +146,16 @@ class Tunnel:
         source: trio.abc.ReceiveStream,
         sink: trio.abc.SendStream,
         prefix: bytes,
-        pump: Pump,
+        pump: Pump | SplicePump,
     ) -> None:
         """Pump ``prefix`` then ``source`` into ``sink``; pass EOF on as half-close."""
         try:
-            await pump.run(_prefixed_reader(source, prefix, self._read_size), sink.send_all)
+            if isinstance(pump, SplicePump):
+                assert isinstance(source, trio.SocketStream), source
+                assert isinstance(sink, trio.SocketStream), sink
+                await pump.run(source, sink, prefix=prefix)
+            else:
+                await pump.run(_prefixed_reader(source, prefix, self._read_size), sink.send_all)
         except* _STREAM_ERRORS as group:
             if self._error is None:
                 self._error = _describe(group.exceptions[0])
@@ -181,6 +208,7 @@ async def tunnel(
     gauge: BufferGauge | None = None,
     a_prefix: bytes = b"",
     b_prefix: bytes = b"",
+    splice_pipe_size: int | None = None,
 ) -> TunnelStatistics:
     """Relay bytes both ways between ``a`` and ``b`` with bounded memory.
 
@@ -205,6 +233,9 @@ async def tunnel(
         a_prefix: bytes already read from ``a`` (for example h11's
             ``trailing_data``); they reach ``b`` before anything else.
         b_prefix: the same for ``b``.
+        splice_pipe_size: move bytes with splice(2) through a pipe of this
+            size per direction (both streams must be plain sockets, see
+            ``_splice.can_splice``); None for the channel pumps.
 
     Returns:
         TunnelStatistics: bytes moved each way, and why it broke off, if it did.
@@ -217,6 +248,9 @@ async def tunnel(
         Nothing for stream errors: they end the tunnel and are reported in
         ``TunnelStatistics.error``.
     """
-    return await Tunnel(read_size=read_size, buffer_chunks=buffer_chunks, gauge=gauge).run(
-        a, b, a_prefix=a_prefix, b_prefix=b_prefix
-    )
+    return await Tunnel(
+        read_size=read_size,
+        buffer_chunks=buffer_chunks,
+        gauge=gauge,
+        splice_pipe_size=splice_pipe_size,
+    ).run(a, b, a_prefix=a_prefix, b_prefix=b_prefix)

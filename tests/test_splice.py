@@ -1,0 +1,447 @@
+"""The zero-copy path: splice(2) for tunnels and large Content-Length bodies.
+
+splice needs real sockets, so besides the plain sync tests of the choices
+(``can_splice``, ``content_length_body``, pipe sizing) these run on loopback
+(127.0.0.1) TCP connections. Which path ran is checked by the proxy's meters:
+the channel relay counts the payload bytes it holds in user space, and the
+splice path holds none, so its peak stays 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import h11
+import pytest
+import trio
+import trio.testing
+import trustme
+
+import trioproxy
+from trioproxy._body_splice import content_length_body
+from trioproxy._cli import build_parser, config_from_args
+from trioproxy._config import KiB, MiB
+from trioproxy._metrics import ProxyMeters
+from trioproxy._relay import Progress
+from trioproxy._splice import (
+    SPLICE_MIN_BODY,
+    SinkBroken,
+    SourceBroken,
+    SplicePump,
+    can_splice,
+    pipe_max_size,
+    pipe_size_for,
+    splice_pipe_size,
+    splice_relay,
+    splice_supported,
+)
+
+from .helpers import pattern, start_proxy
+from .streaming_origin import OriginLog, expected_sha256, payload_chunks, serve_streaming_origin
+
+needs_splice = pytest.mark.skipif(not splice_supported(), reason="splice(2) is Linux-only")
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# Big enough to take the splice path and to span many pipe fills, small
+# enough to keep the suite fast.
+BODY_SIZE = 24 * MiB
+# Real sockets and real time: a hang fails the test instead of the suite.
+SAFETY_SECONDS = 20
+
+
+# --- the choices, without I/O ------------------------------------------------
+
+
+def response(headers: list[tuple[str, str]], status: int = 200) -> h11.Response:
+    return h11.Response(status_code=status, headers=headers)
+
+
+def test_content_length_body_only_for_content_length_framed_bodies() -> None:
+    """Only a response framed by one Content-Length, with a body, has a length to splice."""
+    assert content_length_body(b"GET", response([("Content-Length", "5000000")])) == 5_000_000
+    assert content_length_body(b"HEAD", response([("Content-Length", "5000000")])) is None
+    for status in (204, 304):
+        assert content_length_body(b"GET", response([("Content-Length", "9")], status)) is None
+    assert content_length_body(b"GET", response([("Transfer-Encoding", "chunked")])) is None
+    assert content_length_body(b"GET", response([])) is None  # close-delimited
+
+
+def test_pipe_size_is_the_buffer_bound_in_pages_capped_by_the_system() -> None:
+    """The pipe gets the channel relay's bound, rounded down to pages, at least
+    one page, never above /proc/sys/fs/pipe-max-size."""
+    config = trioproxy.ProxyConfig()
+    bound = config.max_buffered_per_direction
+    assert pipe_size_for(bound) == min(bound // PAGE * PAGE, pipe_max_size())
+    assert pipe_size_for(PAGE + 1) == PAGE
+    assert pipe_size_for(1) == PAGE
+    assert pipe_size_for(1 << 40) == pipe_max_size()
+
+
+async def test_in_memory_streams_fall_back_to_the_channel_relay() -> None:
+    """Streams that are not plain sockets never take the splice path."""
+    a, b = trio.testing.memory_stream_pair()
+    assert not can_splice(a, b, None)
+    assert splice_pipe_size(trioproxy.ProxyConfig(), a, b, 1 << 30) is None
+
+
+@needs_splice
+async def test_splice_is_chosen_only_for_plain_sockets_large_bodies_and_when_enabled() -> None:
+    """Plain TCP sockets splice for tunnels and bodies >= SPLICE_MIN_BODY;
+    small bodies, a TLS stream and ``splice=False`` fall back."""
+    async with tcp_pair() as (a, b):
+        assert can_splice(a, b, None)
+        assert can_splice(a, b, SPLICE_MIN_BODY)
+        assert not can_splice(a, b, SPLICE_MIN_BODY - 1)
+        config = trioproxy.ProxyConfig()
+        assert splice_pipe_size(config, a, b, None) == pipe_size_for(
+            config.max_buffered_per_direction
+        )
+        assert splice_pipe_size(attrs.evolve(config, splice=False), a, b, None) is None
+        tls = trio.SSLStream(a, ssl.create_default_context(), server_hostname="x")
+        assert not can_splice(tls, b, None)
+
+
+def test_no_splice_flag_reaches_the_config() -> None:
+    """``--no-splice`` turns the zero-copy path off; it is on by default."""
+    assert config_from_args(build_parser().parse_args([])).splice is True
+    assert config_from_args(build_parser().parse_args(["--no-splice"])).splice is False
+
+
+# --- the pump on loopback sockets -----------------------------------------------
+
+
+@asynccontextmanager
+async def tcp_pair() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+    """A connected pair of TCP streams on 127.0.0.1."""
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        port = listener.socket.getsockname()[1]
+        near = await trio.open_tcp_stream("127.0.0.1", port)
+        far = await listener.accept()
+    async with near, far:
+        yield near, far
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        data = await stream.receive_some(size - len(received))
+        assert data, f"EOF after {len(received)} of {size} bytes"
+        received += data
+    return bytes(received)
+
+
+@needs_splice
+async def test_splice_relay_stops_exactly_at_max_bytes() -> None:
+    """With max_bytes the pump delivers exactly that many bytes, byte-exact,
+    and leaves what follows unread in the source."""
+    payload = pattern(3 * MiB + 17)
+    async with tcp_pair() as (writer, source), tcp_pair() as (sink, reader):
+        progress = Progress()
+        received: list[bytes] = []
+
+        async def read_all() -> None:
+            received.append(await receive_exactly(reader, len(payload)))
+
+        with trio.fail_after(SAFETY_SECONDS):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.send_all, payload + b"NEXT")
+                nursery.start_soon(read_all)
+                moved = await splice_relay(
+                    source, sink, max_bytes=len(payload), pipe_size=64 * KiB, progress=progress
+                )
+        assert received == [payload]
+        assert moved == progress.bytes_written == progress.bytes_read == len(payload)
+        assert await source.receive_some(100) == b"NEXT"
+
+
+@needs_splice
+async def test_splice_relay_returns_at_eof_with_the_count() -> None:
+    """Without max_bytes the pump runs to the source's EOF and returns the
+    count; with max_bytes, an early EOF returns fewer bytes than asked."""
+    async with tcp_pair() as (writer, source), tcp_pair() as (sink, reader):
+        await writer.send_all(b"x" * 1000)
+        await writer.send_eof()
+        assert await splice_relay(source, sink, max_bytes=5000, pipe_size=PAGE) == 1000
+        assert await receive_exactly(reader, 1000) == b"x" * 1000
+
+
+@needs_splice
+async def test_slow_reader_never_gets_more_than_the_pipe_in_the_kernel() -> None:
+    """A sink that does not read (small buffers): the pump stops taking from the
+    source; the pipe holds at most pipe_size bytes (the kernel's FIONREAD agrees
+    with the pump's count); writes are partial and wait; then all of it
+    arrives byte-exact once the reader reads."""
+    pipe_size = 64 * KiB
+    payload = pattern(16 * MiB)
+    async with tcp_pair() as (writer, source), tcp_pair() as (sink, reader):
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
+        pump = SplicePump(pipe_size=pipe_size)
+        digest = hashlib.sha256()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.send_all, payload)
+            nursery.start_soon(lambda: pump.run(source, sink, max_bytes=len(payload)))
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(SAFETY_SECONDS):
+                while pump.pipe is None or pump.in_pipe == 0:  # until the sink is full
+                    await trio.sleep(0.01)  # loopback ACKs are the kernel's, not trio's
+                    await trio.testing.wait_all_tasks_blocked()
+            assert pump.pipe is not None
+            assert 0 < pump.pipe.bytes_held() == pump.in_pipe <= pipe_size
+            pulled = pump.progress.bytes_read
+            assert pulled < len(payload), "the pump must stop pulling from the source"
+            assert pulled - pump.progress.bytes_written == pump.in_pipe
+            received = 0
+            while received < len(payload):
+                data = await reader.receive_some(4096)  # a slow, small-window reader
+                digest.update(data)
+                received += len(data)
+                assert pump.in_pipe <= pipe_size
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        statistics = pump.statistics()
+        assert pump.peak_in_pipe <= pipe_size
+        assert statistics.sink_waits > 0  # partial writes met a full socket
+        assert statistics.chunks_relayed > len(payload) // pipe_size
+
+
+@needs_splice
+async def test_splice_errors_name_their_side() -> None:
+    """A reset sink raises SinkBroken; a reset source raises SourceBroken (both
+    are BrokenResourceError, as tunnels expect of a broken stream)."""
+    async with tcp_pair() as (writer, source), tcp_pair() as (sink, reader):
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        await reader.aclose()  # RST: the sink's peer is gone
+        await writer.send_all(b"y" * 100_000)
+        with pytest.raises(SinkBroken):
+            await splice_relay(source, sink, max_bytes=None, pipe_size=PAGE)
+    async with tcp_pair() as (writer, source), tcp_pair() as (sink, reader):
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        await writer.aclose()  # RST on the source
+        with pytest.raises(SourceBroken):
+            await splice_relay(source, sink, max_bytes=None, pipe_size=PAGE)
+        assert issubclass(SourceBroken, trio.BrokenResourceError)
+
+
+# --- through the proxy --------------------------------------------------------
+
+
+@attrs.frozen
+class Setup:
+    origin_port: int
+    proxy_port: int
+    log: OriginLog
+    meters: ProxyMeters
+
+
+@asynccontextmanager
+async def running(mode: str, *, splice: bool) -> AsyncIterator[Setup]:
+    log = OriginLog()
+    meters = ProxyMeters()
+    async with trio.open_nursery() as nursery:
+        origin_port = await nursery.start(serve_streaming_origin, log)
+        upstream = f"http://127.0.0.1:{origin_port}" if mode == "reverse" else None
+        config = trioproxy.ProxyConfig(upstream=upstream, splice=splice)
+        proxy_port = await start_proxy(nursery, config, meters=meters)
+        yield Setup(origin_port, proxy_port, log, meters)
+        nursery.cancel_scope.cancel()
+
+
+class HashingClient:
+    """An h11 client on a TCP stream that hashes bodies instead of keeping them."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self, method: str, target: str, body: list[memoryview] | None = None
+    ) -> tuple[int, int, str]:
+        """Send one request; return (status, body length, body SHA-256)."""
+        headers = [("Host", "origin")]
+        if body is not None:
+            headers.append(("Content-Length", str(sum(len(c) for c in body))))
+        await self.stream.send_all(
+            self.conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        )
+        for chunk in body or []:
+            await self.stream.send_all(self.conn.send(h11.Data(data=bytes(chunk))) or b"")
+        await self.stream.send_all(self.conn.send(h11.EndOfMessage()) or b"")
+        status, length, digest = 0, 0, hashlib.sha256()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(256 * KiB))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                length += len(event.data)
+                digest.update(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return status, length, digest.hexdigest()
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_large_download_is_byte_exact_and_keeps_the_client_connection(
+    splice: bool,
+) -> None:
+    """A large Content-Length download arrives byte-exact on both paths; the
+    splice path holds no payload byte in user space (meter peak 0), the
+    channel relay does; either way the client connection serves the next
+    request (h11's framing stayed exact)."""
+    async with running("reverse", splice=splice) as setup:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with stream:
+            client = HashingClient(stream)
+            for _ in range(2):
+                result = await client.request("GET", f"/bytes/{BODY_SIZE}")
+                assert result == (200, BODY_SIZE, expected_sha256(BODY_SIZE))
+            large_peak = setup.meters.response_bodies.peak
+            assert (large_peak == 0) if splice else (large_peak > 0)
+            # A small body on the same connection takes the channel relay.
+            assert await client.request("GET", "/bytes/5000") == (
+                200,
+                5000,
+                expected_sha256(5000),
+            )
+        assert len(setup.log.requests) == 3
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_connect_tunnel_is_byte_exact_both_ways_with_half_close(splice: bool) -> None:
+    """Through a CONNECT tunnel an upload and a download arrive byte-exact,
+    the client's half-close reaches the origin and the origin's close comes
+    back as EOF; the splice path holds no payload byte in user space."""
+    async with running("forward", splice=splice) as setup:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with stream:
+            connect = h11.Connection(h11.CLIENT)
+            authority = f"127.0.0.1:{setup.origin_port}"
+            await stream.send_all(
+                connect.send(
+                    h11.Request(method="CONNECT", target=authority, headers=[("Host", authority)])
+                )
+                or b""
+            )
+            await stream.send_all(connect.send(h11.EndOfMessage()) or b"")
+            while not isinstance(event := connect.next_event(), h11.Response):
+                connect.receive_data(await stream.receive_some(4096))
+            assert event.status_code == 200
+            client = HashingClient(stream)
+            upload = payload_chunks(8 * MiB)
+            answer = f"{8 * MiB} {expected_sha256(8 * MiB)}".encode()
+            assert await client.request("POST", "/upload", upload) == (
+                200,
+                len(answer),
+                hashlib.sha256(answer).hexdigest(),
+            )
+            assert await client.request("GET", f"/bytes/{BODY_SIZE}") == (
+                200,
+                BODY_SIZE,
+                expected_sha256(BODY_SIZE),
+            )
+            await stream.send_eof()
+            assert await stream.receive_some(100) == b""  # the origin closed after our EOF
+        assert setup.log.requests[-1].target == f"/bytes/{BODY_SIZE}".encode()
+        assert setup.log.broken == 0
+        peak = setup.meters.tunnels.peak
+        assert (peak == 0) if splice else (peak > 0)
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_client_leaving_mid_body_closes_the_upstream(splice: bool) -> None:
+    """A client that leaves in the middle of a large body: the origin's
+    connection breaks within a second, on both paths."""
+    async with running("reverse", splice=splice) as setup:
+        client = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with client:
+            await client.send_all(b"GET /bytes/1000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await receive_exactly(client, 2 * MiB)
+        with trio.fail_after(1):
+            await setup.log.broken_event.wait()
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_upstream_dying_mid_body_leaves_the_client_body_incomplete(splice: bool) -> None:
+    """An origin that closes after 3 of 10 declared MB: the client gets at most
+    those bytes and then EOF, never a complete message (h11 reports the short
+    body), on both paths; the proxy closes the client connection."""
+    async with running("reverse", splice=splice) as setup:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with stream:
+            client = HashingClient(stream)
+            with pytest.raises(h11.RemoteProtocolError, match="expected 10000000"):
+                await client.request("GET", "/die/10000000/3000000")
+
+
+@needs_splice
+async def test_curl_sees_a_spliced_body_cut_short_as_exit_18() -> None:
+    """curl reports a spliced body that the upstream cut short as a partial
+    transfer (exit status 18)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    async with running("reverse", splice=True) as setup:
+        result = await trio.run_process(
+            [
+                curl,
+                "-s",
+                "-o",
+                "/dev/null",
+                f"http://127.0.0.1:{setup.proxy_port}/die/9000000/2000000",
+            ],
+            check=False,
+        )
+        assert result.returncode == 18
+        assert setup.meters.response_bodies.peak == 0  # spliced, not relayed
+
+
+@needs_splice
+async def test_tls_tunnel_through_connect_stays_byte_exact() -> None:
+    """A TLS session inside a spliced CONNECT tunnel works end to end (the
+    proxy's streams are plain sockets; the TLS is the client's)."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    payload = pattern(2 * MiB)
+
+    async def tls_origin(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        async with tls:
+            await tls.send_all(payload)
+
+    meters = ProxyMeters()
+    async with trio.open_nursery() as nursery:
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        origin_port = listener.socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, tls_origin, [listener])
+        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig(), meters=meters)
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+        await stream.send_all(
+            f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(1)
+        tls = trio.SSLStream(stream, client_context, server_hostname="localhost")
+        async with tls:
+            assert await receive_exactly(tls, len(payload)) == payload
+        nursery.cancel_scope.cancel()
+    assert meters.tunnels.peak == 0

@@ -1,0 +1,196 @@
+"""Response bodies by splice(2), with h11's framing kept exact on both sides.
+
+A large Content-Length response from a plain-socket upstream to a plain-socket
+client moves by ``_splice`` instead of the channel relay. Three things keep
+HTTP correct while the bytes bypass h11:
+
+1. What h11 already read. When the response head arrived, h11 may have read
+   some body bytes with it (at most one ``read_size``). They are taken out as
+   ordinary ``Data`` events, without reading the socket again, and sent to
+   the client through h11, so the splice starts exactly where h11 stopped,
+   and splices exactly the rest of the declared length. Splicing stops at
+   the body's end: bytes after it stay in the socket, unread.
+
+2. The client's framing. h11 frames the response to the client (Content-Length
+   as a rule, but chunked or close-delimited if the head it sent says so).
+   The spliced part goes through h11 as one ``Data`` whose ``data`` is a
+   placeholder of the spliced length: ``send_with_data_passthrough`` returns
+   its framing bytes (none for Content-Length) around the placeholder itself,
+   which is h11's documented way to send bodies by sendfile and the like
+   (h11 docs, "Support for sendfile()"). We write the framing bytes and, at
+   the placeholder, splice. h11 counts the bytes, so ``EndOfMessage`` is
+   checked against the Content-Length as always, and the client connection
+   stays keep-alive when both messages are complete.
+
+3. The upstream's state. h11's reader on the upstream side never sees the
+   spliced bytes, so the upstream connection stays in ``SEND_BODY`` for h11:
+   it can never be mistaken for a reusable one (a pool must require both
+   states ``DONE``). This is the issue's rule: an upstream connection whose
+   body was spliced is not reused. It is closed when the exchange ends.
+
+Failures translate as the channel relay's do: a broken upstream is a
+``BadGateway``, a broken client is ``ClientGone``; an upstream that closes
+before the declared length is a ``BadGateway`` with the client's message left
+unfinished (``send_failed``), so the client sees a short body, not a complete
+one.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import attrs
+import h11
+import trio
+
+from ._budget import MemoryBudget
+from ._config import ProxyConfig
+from ._errors import BadGateway, ClientGone
+from ._h11_io import ClientEndpoint, UpstreamEndpoint
+from ._relay import BufferGauge, Progress, relay_body
+from ._splice import SinkBroken, SourceBroken, splice_pipe_size, splice_relay
+
+# Statuses whose responses never have a body (RFC 9110 6.4.1), whatever
+# Content-Length says.
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def content_length_body(method: bytes, response: h11.Response) -> int | None:
+    """The body length of ``response`` if it is framed by Content-Length, else None.
+
+    None for responses that have no body (to HEAD, 204, 304), for chunked or
+    close-delimited ones, and for anything h11 would not frame by one
+    Content-Length value.
+    """
+    if method == b"HEAD" or response.status_code in _NO_BODY_STATUSES:
+        return None
+    lengths = [value for name, value in response.headers if name == b"content-length"]
+    if any(name == b"transfer-encoding" for name, _ in response.headers):
+        return None
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        return None
+    return int(lengths[0])
+
+
+@attrs.frozen
+class SplicedBytes:
+    """A stand-in for body bytes that go by splice: h11 only asks its ``len``."""
+
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+async def relay_response_body(
+    upstream: UpstreamEndpoint,
+    client: ClientEndpoint,
+    request: h11.Request,
+    response: h11.Response,
+    *,
+    config: ProxyConfig,
+    gauge: BufferGauge,
+    progress: Progress,
+    budget: MemoryBudget | None = None,
+) -> None:
+    """Relay the response body upstream -> client, by splice where it can, then end it.
+
+    Call after the response head has been sent to the client.
+
+    Memory: by splice, zero payload bytes in user space besides what h11
+    had already read with the head (at most ``read_size``), and at most the
+    pipe's size (``_splice.pipe_size_for``) in the kernel; otherwise the
+    channel relay's bound, ``(buffer_chunks + 2) * read_size``.
+
+    Raises:
+        BadGateway: the upstream broke or closed before the body's end.
+        ClientGone: the client connection broke.
+    """
+    length = content_length_body(request.method, response)
+    pipe_size = splice_pipe_size(config, upstream.stream, client.stream, length)
+    if length is None or pipe_size is None:
+        await relay_body(
+            upstream,
+            client,
+            buffer_chunks=config.buffer_chunks,
+            gauge=gauge,
+            progress=progress,
+            budget=budget,
+        )
+        return
+    remaining = length - await _forward_buffered_body(upstream, client)
+    if remaining:
+        await _splice_body(upstream, client, remaining, pipe_size, progress)
+    await client.send(h11.EndOfMessage())
+
+
+async def _forward_buffered_body(upstream: UpstreamEndpoint, client: ClientEndpoint) -> int:
+    """Send the client the body bytes h11 already holds; return how many.
+
+    Never reads the upstream socket: only what h11 has buffered is turned
+    into events (a closed, empty buffer makes h11 report the short body, a
+    BadGateway).
+    """
+    forwarded = 0
+    while upstream.has_unparsed_data:
+        event = await upstream.next_event()
+        if isinstance(event, h11.EndOfMessage):
+            break
+        assert isinstance(event, h11.Data), event
+        await client.send(h11.Data(data=event.data))
+        forwarded += len(event.data)
+    return forwarded
+
+
+async def _splice_body(
+    upstream: UpstreamEndpoint,
+    client: ClientEndpoint,
+    size: int,
+    pipe_size: int,
+    progress: Progress,
+) -> None:
+    """Splice exactly ``size`` body bytes, framed for the client by h11."""
+    spliced = SplicedBytes(size)
+    # h11 types Data.data as bytes but documents any object with a len() for
+    # send_with_data_passthrough; it returns that very object in the list.
+    parts: list[object] = list(
+        client.conn.send_with_data_passthrough(h11.Data(data=cast(bytes, spliced))) or []
+    )
+    try:
+        for part in parts:
+            if part is spliced:
+                await _splice_exactly(upstream, client, size, pipe_size, progress)
+            else:
+                await _send_framing(client, cast(bytes, part))
+    except BaseException:
+        client.conn.send_failed()  # the client's framing on the wire is unknown
+        raise
+
+
+async def _send_framing(client: ClientEndpoint, data: bytes) -> None:
+    """Write h11's framing bytes around the spliced part (chunked framing only)."""
+    try:
+        await client.stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise ClientGone(f"client connection lost: {exc!r}") from exc
+
+
+async def _splice_exactly(
+    upstream: UpstreamEndpoint,
+    client: ClientEndpoint,
+    size: int,
+    pipe_size: int,
+    progress: Progress,
+) -> None:
+    assert isinstance(upstream.stream, trio.SocketStream), upstream.stream
+    assert isinstance(client.stream, trio.SocketStream), client.stream
+    try:
+        moved = await splice_relay(
+            upstream.stream, client.stream, max_bytes=size, pipe_size=pipe_size, progress=progress
+        )
+    except SourceBroken as exc:
+        raise BadGateway(f"upstream connection lost: {exc.__cause__!r}") from exc
+    except SinkBroken as exc:
+        raise ClientGone(f"client connection lost: {exc.__cause__!r}") from exc
+    if moved < size:
+        raise BadGateway(f"upstream closed the body after {moved} of {size} spliced bytes")
