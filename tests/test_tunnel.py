@@ -341,6 +341,46 @@ async def test_connect_opens_a_tunnel_and_keeps_bytes_sent_with_the_head(
     assert meters.tunnels.peak > 0
 
 
+async def test_an_idle_connect_tunnel_ends_at_the_stall_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A tunnel in which no byte moves either way (here: half-closed by the
+    client, the origin silent) is closed exactly stall_timeout after the last
+    byte moved, on both sides."""
+    port = UpstreamPort()
+    client, server = trio.testing.memory_stream_pair()
+    conn = h11.Connection(h11.CLIENT)
+    config = trioproxy.ProxyConfig(stall_timeout=42)
+    with trio.fail_after(1000):  # virtual time: a missing watchdog fails, not hangs
+        await _idle_tunnel_case(port, client, server, conn, config)
+
+
+async def _idle_tunnel_case(
+    port: UpstreamPort,
+    client: trio.abc.HalfCloseableStream,
+    server: trio.abc.Stream,
+    conn: h11.Connection,
+    config: trioproxy.ProxyConfig,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(handle_connection, server, config, open_upstream=port.open_upstream)
+        )
+        head = conn.send(connect_request(b"origin.test:443")) or b""
+        await client.send_all(head + (conn.send(h11.EndOfMessage()) or b""))
+        origin = await port.accept()
+        await client.receive_some(65536)  # 200 Connection established
+        await client.send_all(b"ping")
+        assert await receive_exactly(origin, 4) == b"ping"
+        last_byte_at = trio.current_time()
+        await client.send_eof()
+        assert await receive_until_eof(origin) == b""
+        assert await receive_until_eof(client) == b""  # the proxy gave up and closed
+        assert trio.current_time() - last_byte_at == 42
+        await trio.testing.wait_all_tasks_blocked()  # the upstream side closes second
+        await assert_closed_by_peer(origin)
+
+
 async def exchange_error(
     request: h11.Request,
     config: trioproxy.ProxyConfig,

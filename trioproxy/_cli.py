@@ -154,7 +154,8 @@ def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=_DEFAULTS.stall_timeout,
         metavar="SECONDS",
-        help="time a body relay may go without a byte moving either way (then 504 or abort)",
+        help="time a body relay or a tunnel may go with no byte moving either way "
+        "(then 504, an aborted response, or a closed tunnel)",
     )
     parser.add_argument(
         "--max-connections",

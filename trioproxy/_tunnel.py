@@ -33,7 +33,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-from ._relay import BufferGauge, Pump, ReadChunk, RelayStatistics
+from ._relay import BufferGauge, Progress, Pump, ReadChunk, RelayStatistics
 from ._splice import SplicePump
 
 # The ways a peer ends a tunnel abruptly: a reset or broken connection, or a
@@ -98,6 +98,11 @@ class Tunnel:
             self._a_to_b = SplicePump(pipe_size=splice_pipe_size)
             self._b_to_a = SplicePump(pipe_size=splice_pipe_size)
         self._error: str | None = None
+
+    @property
+    def progress(self) -> tuple[Progress, Progress]:
+        """Both directions' progress counters, for an idle watchdog."""
+        return self._a_to_b.progress, self._b_to_a.progress
 
     def statistics(self) -> TunnelStatistics:
         """Both pumps' counters and channel fill, and the error if any, now."""
