@@ -54,6 +54,7 @@ from ._http import (
     upgrade_fields,
     upstream_request_headers,
 )
+from ._listen import open_reuse_port_listeners
 from ._relay import BufferGauge, collapse_single_error, relay_body
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
@@ -413,7 +414,9 @@ async def serve(
     """
     shared_meters = meters if meters is not None else ProxyMeters()
     shutdown = Shutdown()
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    # Workers share the port with SO_REUSEPORT (see _listen, _workers).
+    open_listeners = open_reuse_port_listeners if config.reuse_port else trio.open_tcp_listeners
+    listeners = await open_listeners(config.listen_port, host=config.listen_host)
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(
