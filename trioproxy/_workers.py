@@ -304,7 +304,7 @@ class _Supervisor:
         first_start = True
         while True:
             async with self._spawned(index) as (process, link):
-                address = await _read_ready(link)
+                address = await read_ready(link)
                 ready_at = trio.current_time()
                 if address is not None and not first_start:
                     logger.info("worker %d (pid %d) is ready", index, process.pid)
@@ -314,7 +314,11 @@ class _Supervisor:
                     returncode = await process.wait()
                 if first_start:
                     first_start = False
-                    if returncode is not None and not self.stopping.is_set():
+                    if (
+                        returncode is not None
+                        and not self.stopping.is_set()
+                        and not self.startup_failure
+                    ):
                         self.startup_failure = (
                             f"worker {index} (pid {process.pid}) ended before it was ready: "
                             f"{describe_exit(returncode)}"
@@ -398,7 +402,7 @@ class _Supervisor:
             process.kill()
 
 
-async def _read_ready(link: trio.SocketStream) -> tuple[str, int] | None:
+async def read_ready(link: trio.abc.ReceiveStream) -> tuple[str, int] | None:
     """The address in the worker's ready line, or None if it closed first.
 
     Memory: at most ``MAX_READY_LINE`` bytes.
