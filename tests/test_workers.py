@@ -100,8 +100,9 @@ def test_ready_line_round_trip_and_rejects_garbage() -> None:
 
 def test_describe_exit() -> None:
     """Exit statuses and signals are told apart in the restart log."""
-    assert describe_exit(3) == "exit status 3"
-    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(3) == "exited with status 3"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert describe_exit(-200) == "was killed by signal 200"
 
 
 def test_worker_link_comes_from_the_environment() -> None:
@@ -342,8 +343,8 @@ async def test_a_killed_worker_is_restarted_and_serving_goes_on() -> None:
             victim = min(before)
             os.kill(victim, signal.SIGKILL)
             with trio.fail_after(PROMPTLY):
-                line = (await proxy.stderr.until("exited unexpectedly"))[-1]
-            assert f"(pid {victim}) exited unexpectedly (killed by SIGKILL); restarting" in line
+                line = (await proxy.stderr.until("restarting"))[-1]
+            assert f"(pid {victim}) was killed by SIGKILL; restarting it in 0.1 s" in line
 
             def replaced() -> bool:
                 now = proxy.worker_pids()
@@ -419,7 +420,7 @@ async def test_a_worker_that_cannot_listen_fails_the_startup() -> None:
     err = result.stderr.decode()
     assert "in use" in err
     assert "trioproxy: error: worker" in err
-    assert "ended before it was ready: exit status 1" in err
+    assert "exited with status 1 before it was ready" in err
 
 
 async def test_a_worker_that_does_not_stop_is_killed_after_the_shutdown_timeout() -> None:

@@ -137,13 +137,13 @@ def parse_ready_line(line: bytes) -> tuple[str, int]:
 
 
 def describe_exit(returncode: int) -> str:
-    """``exit status 1`` or ``killed by SIGKILL``, for the log."""
+    """``exited with status 1`` or ``was killed by SIGKILL``, for the log."""
     if returncode >= 0:
-        return f"exit status {returncode}"
+        return f"exited with status {returncode}"
     try:
-        return f"killed by {signal.Signals(-returncode).name}"
+        return f"was killed by {signal.Signals(-returncode).name}"
     except ValueError:
-        return f"killed by signal {-returncode}"
+        return f"was killed by signal {-returncode}"
 
 
 @attrs.define
@@ -260,6 +260,18 @@ async def _port_for_workers(config: ProxyConfig) -> AsyncIterator[int]:
         yield int(probe.getsockname()[1])
 
 
+@attrs.frozen
+class _WorkerEnded:
+    """How one run of a worker ended; ``uptime`` counts from its ready report."""
+
+    pid: int
+    returncode: int
+    uptime: float
+
+    def __str__(self) -> str:
+        return f"(pid {self.pid}) {describe_exit(self.returncode)}"
+
+
 class _Supervisor:
     """The state shared by the per-worker tasks and the signal forwarder.
 
@@ -296,51 +308,51 @@ class _Supervisor:
     ) -> None:
         """Run worker ``index``, restarting it whenever it exits, until stopping.
 
-        After the first start, reports the worker's address through
-        ``task_status``, or None if it exited first (then, unless we are
-        stopping, ``startup_failure`` says why and this returns).
+        Reports the worker's address through ``task_status`` once it is first
+        ready, or None if it exited before (then, unless we are stopping,
+        ``startup_failure`` says why, and this returns).
         """
         backoff = RestartBackoff()
-        first_start = True
+        reported = False
+
+        def report(address: tuple[str, int]) -> None:
+            nonlocal reported
+            if reported:
+                logger.info("worker %d is ready again", index)
+            else:
+                reported = True
+                task_status.started(address)
+
         while True:
-            async with self._spawned(index) as (process, link):
-                address = await read_ready(link)
-                ready_at = trio.current_time()
-                if address is not None and not first_start:
-                    logger.info("worker %d (pid %d) is ready", index, process.pid)
-                returncode = None
-                if address is None:  # it exited, or is broken: make sure it is gone
-                    process.kill()
-                    returncode = await process.wait()
-                if first_start:
-                    first_start = False
-                    if (
-                        returncode is not None
-                        and not self.stopping.is_set()
-                        and not self.startup_failure
-                    ):
-                        self.startup_failure = (
-                            f"worker {index} (pid {process.pid}) ended before it was ready: "
-                            f"{describe_exit(returncode)}"
-                        )
-                    task_status.started(address)
-                    if address is None:
-                        return
-                returncode = await process.wait()
+            ended = await self._run_once(index, report)
+            if not reported:
+                if not self.stopping.is_set() and self.startup_failure is None:
+                    self.startup_failure = f"worker {index} {ended} before it was ready"
+                task_status.started(None)
+                return
             if self.stopping.is_set():
                 return
-            delay = backoff.delay_after(trio.current_time() - ready_at)
-            logger.warning(
-                "worker %d (pid %d) exited unexpectedly (%s); restarting in %.1f s",
-                index,
-                process.pid,
-                describe_exit(returncode),
-                delay,
-            )
+            delay = backoff.delay_after(ended.uptime)
+            logger.warning("worker %d %s; restarting it in %.1f s", index, ended, delay)
             with trio.move_on_after(delay):
                 await self.stopping.wait()
             if self.stopping.is_set():
                 return
+
+    async def _run_once(
+        self, index: int, report: Callable[[tuple[str, int]], None]
+    ) -> _WorkerEnded:
+        """Start worker ``index``, ``report`` its address when it is ready,
+        and return when it has exited."""
+        async with self._spawned(index) as (process, link):
+            address = await read_ready(link)
+            ready_at = trio.current_time()
+            if address is None:
+                process.kill()  # it has exited, or it is broken: make sure it is gone
+            else:
+                report(address)
+            returncode = await process.wait()
+        return _WorkerEnded(process.pid, returncode, trio.current_time() - ready_at)
 
     @asynccontextmanager
     async def _spawned(self, index: int) -> AsyncIterator[tuple[trio.Process, trio.SocketStream]]:
