@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
+import attrs
 import trio
 
 from ._accesslog import JsonFormatter, access_logger
@@ -25,8 +26,10 @@ from ._config import (
     ProxyConfig,
 )
 from ._limits import descriptors_needed, raise_open_file_limit
+from ._listen import listening_line
 from ._memory import prepare_process_memory
 from ._server import serve
+from ._workers import WorkerLink, WorkerStartupError, supervise
 
 logger = logging.getLogger("trioproxy")
 
@@ -130,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_memory_arguments(parser)
     _add_operations_arguments(parser)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=_DEFAULTS.workers,
+        metavar="N",
+        help="processes sharing the port (SO_REUSEPORT, Linux), supervised by this one; "
+        "limits such as --max-connections apply to each",
+    )
     return parser
 
 
@@ -236,6 +247,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_buffer_memory=args.max_buffer_memory,
         metrics_listen=args.metrics,
         splice=args.splice,
+        workers=args.workers,
     )
 
 
@@ -281,10 +293,13 @@ def _check_open_file_limit(config: ProxyConfig) -> None:
         )
 
 
-async def _run(config: ProxyConfig) -> None:
+async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
     """Serve until a signal: the first drains (``--shutdown-timeout``), a second
     one cuts everything at once. Both end with exit status 0: the stop was
-    asked for, and a supervisor should not count it as a crash."""
+    asked for, and a supervisor should not count it as a crash.
+
+    A ``worker`` reports to its supervisor instead of printing the startup
+    line, and drains when the supervisor goes away."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         first_signal = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -298,8 +313,10 @@ async def _run(config: ProxyConfig) -> None:
             nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
             listeners = await nursery.start(serve_then_stop)
             host, port = listeners[0].socket.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
-            print(f"trioproxy listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+            if worker is None:
+                print(listening_line(host, port), file=sys.stderr, flush=True)
+            else:
+                await nursery.start(worker.report_ready_then_watch, host, port, first_signal.set)
 
 
 async def _watch_signals(
@@ -330,9 +347,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(args)
     except OSError as exc:
         parser.exit(1, f"trioproxy: error: cannot open the access log: {exc}\n")
-    _check_open_file_limit(config)
+    worker = WorkerLink.from_environ()
+    if worker is None:
+        _check_open_file_limit(config)  # once: workers inherit the raised limit
+    else:
+        config = attrs.evolve(config, reuse_port=True)
     try:
-        trio.run(_run, config)
+        if config.workers > 1:
+            trio.run(supervise, config, sys.argv[1:] if argv is None else argv)
+        else:
+            trio.run(_run, config, worker)
+    except WorkerStartupError as exc:
+        parser.exit(1, f"trioproxy: error: {exc}\n")
     except OSError as exc:
         # Typically the address is in use or not ours to bind.
         parser.exit(

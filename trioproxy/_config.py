@@ -7,6 +7,8 @@ rest of the code can trust every field.
 
 from __future__ import annotations
 
+import socket
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +43,30 @@ def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> N
 def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be 0 or more, got {value!r}")
+
+
+def reuse_port_balances() -> bool:
+    """Whether SO_REUSEPORT spreads new connections over the sockets that share
+    a port. Linux (3.9+) does; macOS and the BSDs have an option of that name
+    that lets the last socket bound take every connection, so workers there
+    would sit idle."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _several_need_reuse_port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value > 1 and not reuse_port_balances():
+        raise ValueError(
+            f"{attribute.name} > 1 needs SO_REUSEPORT load balancing, which this platform "
+            f"({sys.platform}) lacks; got {value!r}"
+        )
+
+
+def _reuse_port_available(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
+    if value and not reuse_port_balances():
+        raise ValueError(
+            f"{attribute.name} needs SO_REUSEPORT load balancing, which this platform "
+            f"({sys.platform}) lacks"
+        )
 
 
 def _in_range(low: int, high: int) -> Any:
@@ -170,6 +196,17 @@ class ProxyConfig:
     # cannot work (TLS, non-socket streams, other systems) or does not pay
     # (small or chunked bodies), the channel relay runs anyway; False forces it.
     splice: bool = True
+
+    # --- Multi-core workers (issue 5.3; see _workers) ---
+    # Processes that serve the listening port together, each a whole proxy
+    # with its own limits (so max_connections applies per worker). 1 serves
+    # in this process with no supervisor. More than one needs SO_REUSEPORT
+    # load balancing (Linux). 1024 is far beyond any core count we run on:
+    # the cap only turns a typo into an error instead of a fork storm.
+    workers: int = attrs.field(default=1, validator=[_in_range(1, 1024), _several_need_reuse_port])
+    # Open the listening sockets with SO_REUSEPORT, so that other processes
+    # of the same user may listen on the same port; set in workers.
+    reuse_port: bool = attrs.field(default=False, validator=_reuse_port_available)
 
     @property
     def mode(self) -> str:

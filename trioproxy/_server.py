@@ -55,6 +55,7 @@ from ._http import (
     upgrade_fields,
     upstream_request_headers,
 )
+from ._listen import open_reuse_port_listeners
 from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
 from ._relay import collapse_single_error, relay_body
@@ -418,7 +419,9 @@ async def serve(
     """
     shared_meters = meters if meters is not None else ProxyMeters.for_config(config)
     shutdown = Shutdown()
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    # Workers share the port with SO_REUSEPORT (see _listen, _workers).
+    open_listeners = open_reuse_port_listeners if config.reuse_port else trio.open_tcp_listeners
+    listeners = await open_listeners(config.listen_port, host=config.listen_host)
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(
