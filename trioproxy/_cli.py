@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -15,10 +16,20 @@ from typing import NoReturn
 
 import trio
 
-from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_MAX_HEAD_SIZE, DEFAULT_READ_SIZE, ProxyConfig
+from ._config import (
+    DEFAULT_BUFFER_CHUNKS,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_MAX_HEADER_FIELDS,
+    DEFAULT_MAX_TARGET_LENGTH,
+    DEFAULT_READ_SIZE,
+    ProxyConfig,
+)
+from ._policy import LOOPBACK_NETWORKS
 from ._server import serve
 
 _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
+# Credentials on the command line are visible to every user in ps.
+AUTH_ENVIRONMENT_VARIABLE = "TRIOPROXY_AUTH"
 # Binary multiples throughout: a buffer size is a memory size.
 _SIZE_FACTORS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -103,6 +114,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time from the end of the request to the upstream's response head (then 504)",
     )
+    # --- Access control and request limits ---
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="client network allowed to use the proxy (repeatable; default: loopback only, "
+        "127.0.0.0/8 and ::1/128)",
+    )
+    parser.add_argument(
+        "--connect-ports",
+        default="443",
+        metavar="PORTS",
+        help="ports CONNECT may reach, e.g. 443,8443,9000-9100",
+    )
+    parser.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help=f"require Basic proxy credentials (better: set {AUTH_ENVIRONMENT_VARIABLE}, "
+        "which stays out of ps)",
+    )
+    parser.add_argument(
+        "--max-header-fields",
+        type=int,
+        default=DEFAULT_MAX_HEADER_FIELDS,
+        metavar="N",
+        help="most header fields in a request head (more get 431)",
+    )
+    parser.add_argument(
+        "--max-target-length",
+        type=parse_size,
+        default=DEFAULT_MAX_TARGET_LENGTH,
+        metavar="BYTES",
+        help="longest request target (longer gets 414)",
+    )
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -124,6 +169,12 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_head_size=args.max_head_size,
         connect_timeout=args.connect_timeout,
         upstream_timeout=args.upstream_timeout,
+        allow=args.allow if args.allow is not None else LOOPBACK_NETWORKS,
+        connect_ports=args.connect_ports,
+        # Read here, not as the flag's default, so --help never prints it.
+        auth=args.auth or os.environ.get(AUTH_ENVIRONMENT_VARIABLE) or None,
+        max_header_fields=args.max_header_fields,
+        max_target_length=args.max_target_length,
     )
 
 

@@ -12,6 +12,17 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ._framing import HeadLimits
+from ._policy import (
+    DEFAULT_CONNECT_PORTS,
+    LOOPBACK_NETWORKS,
+    IPNetwork,
+    PortRange,
+    parse_credentials,
+    parse_networks,
+    parse_port_ranges,
+)
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -25,11 +36,22 @@ DEFAULT_READ_SIZE = 64 * KiB
 DEFAULT_BUFFER_CHUNKS = 4
 # h11's own default; a request head larger than this gets 431.
 DEFAULT_MAX_HEAD_SIZE = 64 * KiB
+# Real browsers send 10-40 fields; 100 is nginx's and Node's order of
+# magnitude, and bounds per-field work on each head.
+DEFAULT_MAX_HEADER_FIELDS = 100
+# 8 KiB is the request-line limit of nginx (large_client_header_buffers) and
+# Apache (LimitRequestLine); RFC 9112 3 asks for at least 8000 octets.
+DEFAULT_MAX_TARGET_LENGTH = 8 * KiB
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be greater than 0, got {value!r}")
+
+
+def _credentials(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        parse_credentials(value)
 
 
 def _in_range(low: int, high: int) -> Any:
@@ -108,6 +130,39 @@ class ProxyConfig:
     # Seconds from the end of the request body to the upstream's response
     # head; past it: 504. Generous, as for nginx's proxy_read_timeout.
     upstream_timeout: float = attrs.field(default=60.0, validator=_positive)
+
+    # --- Access control and request limits (see _policy and _framing) ---
+    # Client networks that may use the proxy; others get 403.
+    allow: tuple[IPNetwork, ...] = attrs.field(default=LOOPBACK_NETWORKS, converter=parse_networks)
+    # Ports CONNECT may reach, as inclusive ranges; others get 403.
+    connect_ports: tuple[PortRange, ...] = attrs.field(
+        default=DEFAULT_CONNECT_PORTS, converter=parse_port_ranges
+    )
+    # "USER:PASSWORD" for Basic proxy authentication, or None for none.
+    # Kept out of repr so that it never reaches a log.
+    auth: str | None = attrs.field(default=None, repr=False, validator=_credentials)
+    # Header fields per request head; more get 431.
+    max_header_fields: int = attrs.field(
+        default=DEFAULT_MAX_HEADER_FIELDS, validator=_in_range(1, 10_000)
+    )
+    # Bytes of the request target; longer gets 414.
+    max_target_length: int = attrs.field(
+        default=DEFAULT_MAX_TARGET_LENGTH, validator=_in_range(16, 16 * MiB)
+    )
+
+    @property
+    def credentials(self) -> bytes | None:
+        """``auth`` as the bytes Basic credentials carry, or None."""
+        return None if self.auth is None else parse_credentials(self.auth)
+
+    @property
+    def head_limits(self) -> HeadLimits:
+        """The limits a request head is checked against."""
+        return HeadLimits(
+            max_head_size=self.max_head_size,
+            max_header_fields=self.max_header_fields,
+            max_target_length=self.max_target_length,
+        )
 
     @property
     def mode(self) -> str:

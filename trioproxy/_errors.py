@@ -22,6 +22,8 @@ class ProxyError(Exception):
 
     status_code: ClassVar[int] = 500
     reason: ClassVar[bytes] = b"Internal Server Error"
+    # Fields the error response must carry besides the usual ones.
+    extra_headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,6 +49,8 @@ class ProxyAuthenticationRequired(ProxyError):
 
     status_code = 407
     reason = b"Proxy Authentication Required"
+    # RFC 9110 11.7.1: a 407 must say which scheme to use.
+    extra_headers = ((b"Proxy-Authenticate", b'Basic realm="trioproxy"'),)
 
 
 class RequestTimeout(ProxyError):
@@ -84,6 +88,13 @@ class GatewayTimeout(ProxyError):
     reason = b"Gateway Timeout"
 
 
+class LoopDetected(ProxyError):
+    """The request would come back to this proxy (its own address, or Via)."""
+
+    status_code = 508
+    reason = b"Loop Detected"
+
+
 class ClientGone(Exception):
     """The client closed or reset its connection; nobody is left to answer.
 
@@ -102,6 +113,7 @@ _BY_STATUS: dict[int, type[ProxyError]] = {
         HeadersTooLarge,
         BadGateway,
         GatewayTimeout,
+        LoopDetected,
     )
 }
 

@@ -218,6 +218,7 @@ def error_response(error: ProxyError) -> tuple[h11.Response, bytes]:
         (b"Content-Length", str(len(body)).encode("ascii")),
         (b"Connection", b"close"),
         (b"Via", VIA_VALUE),
+        *error.extra_headers,
     ]
     response = h11.Response(status_code=error.status_code, headers=headers, reason=error.reason)
     return response, body

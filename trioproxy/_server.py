@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import attrs
@@ -42,8 +42,10 @@ from ._http import (
     error_response,
     forward_target,
     reverse_target,
+    split_authority,
     upstream_request_headers,
 )
+from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
 from ._relay import BufferGauge, collapse_single_error, relay_body
 from ._upstream import OpenUpstream, open_tcp_upstream
 
@@ -78,6 +80,7 @@ class _Context:
     open_upstream: OpenUpstream
     meters: ProxyMeters
     client_host: str | None
+    own_addresses: frozenset[tuple[str, int]]
 
 
 async def handle_connection(
@@ -86,6 +89,8 @@ async def handle_connection(
     *,
     open_upstream: OpenUpstream = open_tcp_upstream,
     meters: ProxyMeters | None = None,
+    client_address: str | None = None,
+    listen_addresses: Collection[tuple[str, int]] = (),
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -100,6 +105,13 @@ async def handle_connection(
         config: sizes, timeouts and mode.
         open_upstream: connector ``(host, port) -> Stream``; TCP by default.
         meters: counters of bytes held, shared across connections if given.
+        client_address: the client's IP address, checked against
+            ``config.allow``. By default the peer address of a TCP stream (or
+            of TLS over TCP); a stream without one (in-memory, Unix socket)
+            skips the allow list: its acceptor decided who may connect.
+        listen_addresses: ``(host, port)`` of the listeners serving this
+            connection, for loop detection; the stream's own local address
+            and ``config.listen_host:listen_port`` (unless port 0) count too.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered or logged at debug level; a bug in trioproxy is logged with
@@ -109,10 +121,13 @@ async def handle_connection(
         config=config,
         open_upstream=open_upstream,
         meters=meters if meters is not None else ProxyMeters(),
-        client_host=_peer_host(stream),
+        client_host=client_address if client_address is not None else _peer_host(stream),
+        own_addresses=_own_addresses(stream, config, listen_addresses),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
-    client = ClientEndpoint(stream, conn, read_size=config.read_size)
+    client = ClientEndpoint(
+        stream, conn, read_size=config.read_size, head_limits=config.head_limits
+    )
     try:
         await _serve_requests(client, context)
     except ClientGone as exc:
@@ -177,7 +192,11 @@ async def _linger(stream: trio.abc.Stream) -> None:
 
 async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Context) -> None:
     """Forward one request and its response; see the module comment."""
+    fields = request.headers.raw_items()
+    check_client(context.client_host, context.config.allow)
+    check_credentials(fields, context.config.credentials)
     target = _target_for(request, context.config)
+    check_not_loop(target.host, target.port, fields, context.own_addresses)
     upstream_stream = await _connect(target, context)
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
@@ -196,6 +215,10 @@ async def _exchange(client: ClientEndpoint, request: h11.Request, context: _Cont
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
     if request.method == b"CONNECT":
+        _, port = split_authority(request.target, default_port=0)
+        if port == 0:
+            raise BadRequest("the CONNECT target must be host:port")
+        check_connect_port(port, config.connect_ports)
         raise BadRequest("CONNECT tunnels are not supported")
     if config.upstream is None:
         return forward_target(request.target)
@@ -292,14 +315,38 @@ async def _receive_response_head(
     raise GatewayTimeout("the upstream did not send a response head in time")
 
 
-def _peer_host(stream: trio.abc.Stream) -> str | None:
-    """The client's IP address, if ``stream`` is a TCP socket stream."""
+def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` (through TLS), if there is one."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if not isinstance(stream, trio.SocketStream):
         return None
     if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    address: Any = stream.socket.getpeername()
+    return stream.socket
+
+
+def _peer_host(stream: trio.abc.Stream) -> str | None:
+    """The client's IP address, if ``stream`` is TCP (or TLS over TCP)."""
+    sock = _tcp_socket(stream)
+    if sock is None:
+        return None
+    address: Any = sock.getpeername()
     return str(address[0])
+
+
+def _own_addresses(
+    stream: trio.abc.Stream, config: ProxyConfig, listen_addresses: Collection[tuple[str, int]]
+) -> frozenset[tuple[str, int]]:
+    """Every ``(host, port)`` that reaches this proxy, as far as we know."""
+    own = set(listen_addresses)
+    if config.listen_port != 0:
+        own.add((config.listen_host, config.listen_port))
+    sock = _tcp_socket(stream)
+    if sock is not None:
+        address: Any = sock.getsockname()
+        own.add((str(address[0]), int(address[1])))
+    return frozenset(own)
 
 
 async def serve(
@@ -320,9 +367,16 @@ async def serve(
     """
     shared_meters = meters if meters is not None else ProxyMeters()
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    listen_addresses = [listener.socket.getsockname()[:2] for listener in listeners]
 
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(stream, config, open_upstream=open_upstream, meters=shared_meters)
+        await handle_connection(
+            stream,
+            config,
+            open_upstream=open_upstream,
+            meters=shared_meters,
+            listen_addresses=listen_addresses,
+        )
 
     serve_listeners: Callable[..., Awaitable[None]] = trio.serve_listeners
     await serve_listeners(handler, listeners, task_status=task_status)
