@@ -108,13 +108,19 @@ class ClientEndpoint(H11Endpoint):
         super().__init__(stream, conn, read_size=read_size)
         self._head_limits = head_limits
         self._head_guard: RequestHeadGuard | None = None
+        # The method of the request being answered: a response to HEAD has no
+        # body, so an error response to it must not send one.
+        self.request_method: bytes | None = None
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """As ``H11Endpoint.next_event``, with each request head checked first."""
+        if self.conn.their_state is h11.IDLE:
+            self.request_method = None
         self._start_head_guard()
         event = await super().next_event()
         if isinstance(event, h11.Request):
             self._head_guard = None
+            self.request_method = event.method
         return event
 
     def _start_head_guard(self) -> None:

@@ -163,7 +163,8 @@ async def _end_with_error(client: ClientEndpoint, error: ProxyError) -> None:
     response, body = error_response(error)
     try:
         await client.send(response)
-        await client.send(h11.Data(data=body))
+        if client.request_method != b"HEAD":
+            await client.send(h11.Data(data=body))
         await client.send(h11.EndOfMessage())
     except ClientGone:
         return
