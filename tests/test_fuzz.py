@@ -79,6 +79,21 @@ FIELDS = [
 BODIES = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"zz\r\n", b"5\r\nhelloXX"]
 
 
+# Whole valid requests, so that mutations start from something that works
+# (half the recipe requests): every framing, keep-alive, HEAD.
+VALID_REQUESTS = [
+    b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    b"HEAD http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"PUT http://example.com/ HTTP/1.1\r\nHost: example.com\r\nExpect: 100-continue\r\n"
+    b"Content-Length: 2\r\n\r\nhi",
+    b"GET http://example.com/ HTTP/1.0\r\n\r\n",
+    b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+]
+
+
 @st.composite
 def request_bytes(draw: st.DrawFn) -> bytes:
     """A request built from parts that are mostly valid, sometimes not."""
@@ -155,6 +170,9 @@ def pieces_from_recipe(recipe: bytes) -> list[bytes]:
     choices = _Recipe(recipe)
     requests = []
     for _ in range(1 + choices.choose(3)):
+        if choices.choose(2):
+            requests.append(choices.pick(VALID_REQUESTS))  # mutations may follow
+            continue
         fields = [choices.pick(FIELDS) for _ in range(choices.choose(7))]
         if choices.choose(2):
             fields.insert(0, b"Host: example.com")

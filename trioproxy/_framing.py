@@ -114,6 +114,11 @@ class RequestHeadGuard:
         self._summary = _HeadSummary()
         self.done = False
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held: the unfinished line (see the memory bound above)."""
+        return len(self._partial)
+
     def feed(self, data: bytes) -> None:
         """Check ``data``, the next bytes of the stream, as far as the head goes.
 

@@ -187,6 +187,11 @@ def upstream_request_headers(
     original_host = next((v for n, v in headers if n.lower() == b"host"), None)
     result = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
     result.insert(0, (b"Host", target.authority))
+    if any(n.lower() == b"transfer-encoding" for n, _ in headers):
+        # h11 frames a request body as chunked only when told to; without
+        # this, a chunked upload would be framed as Content-Length: 0 (h11
+        # only accepts "chunked" from the client, so that is all this can be).
+        result.append((b"Transfer-Encoding", b"chunked"))
     result = _append_field(result, b"Via", VIA_VALUE)
     if reverse:
         if client_host is not None:
