@@ -20,11 +20,14 @@ Safe by default, because an open proxy on the internet is abused within hours
   itself, again and again, until it runs out of descriptors. Two signals:
   the target is one of our listening addresses (IP literals compared as
   addresses; ``localhost`` and ``*.localhost`` are loopback, RFC 6761; a
-  wildcard listener owns every loopback address on its port), and, for loops
+  wildcard listener owns every loopback address on its port; 0.0.0.0 and ::
+  as targets reach this host, so they count as loopback), and, for loops
   that go through a name or another proxy, the Via field already carrying our
   element more than once. One earlier trioproxy hop is allowed, so that two
   trioproxy instances can be chained (say, reverse in front of forward); a
   loop through us stops at its third visit. Both answer 508 Loop Detected.
+  Spellings that only the resolver understands (``127.1``, ``2130706433``,
+  this host's own name) are left to the Via check.
 
 Every check is a plain function of values; ``_server`` calls them in order:
 client address, credentials, CONNECT port, loop.
@@ -204,7 +207,7 @@ def is_own_address(host: str, port: int, own_addresses: Iterable[tuple[str, int]
         if own is None or target is None:
             continue
         if own.is_unspecified:
-            if target == "loopback" or (not isinstance(target, str) and _is_local(target)):
+            if target == "loopback" or (not isinstance(target, str) and target.is_loopback):
                 return True
         elif target == "loopback":
             if own.is_loopback:
@@ -218,11 +221,10 @@ def _loopback_name_or_ip(host: str) -> IPAddress | str | None:
     lowered = host.lower().rstrip(".")
     if lowered == "localhost" or lowered.endswith(".localhost"):
         return "loopback"
-    return parse_ip(host)
-
-
-def _is_local(address: IPAddress) -> bool:
-    return address.is_loopback or address.is_unspecified
+    address = parse_ip(host)
+    if address is not None and address.is_unspecified:
+        return "loopback"  # connecting to 0.0.0.0 or :: reaches this host
+    return address
 
 
 def own_via_elements(fields: Fields) -> int:

@@ -3,6 +3,9 @@
 Per client connection (``handle_connection``):
 
 1. h11 (server role) reads a request head; a malformed one gets 400 or 431.
+   Before h11 parses it, ``_framing``'s guard checks the raw head against
+   smuggling and limits (400, 414, 431); then ``_policy`` decides: client
+   address (403), credentials (407), CONNECT port (403), loops (508).
 2. The target comes from the absolute URI (forward mode) or the fixed
    upstream (reverse mode); a new upstream connection is opened for the
    exchange (connect timeout: 504; refused or unresolvable: 502).
