@@ -167,7 +167,7 @@ class RequestHeadGuard:
             self._summary.http_version = check_request_line(content, self._limits)
         elif not content:
             self.done = True
-            check_framing(self._summary)
+            _check_framing(self._summary)
         else:
             self._summary.fields += 1
             if self._summary.fields > self._limits.max_header_fields:
@@ -234,7 +234,7 @@ def _remember(summary: _HeadSummary, name: bytes, value: bytes) -> None:
     del summary.content_lengths[2:], summary.transfer_encodings[2:]
 
 
-def check_framing(summary: _HeadSummary) -> None:
+def _check_framing(summary: _HeadSummary) -> None:
     """Refuse every head whose body length two parsers could read differently.
 
     Raises:

@@ -27,6 +27,7 @@ without its last chunk). Nothing a peer does escapes ``handle_connection``;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
@@ -335,7 +336,12 @@ def _peer_host(stream: trio.abc.Stream) -> str | None:
     sock = _tcp_socket(stream)
     if sock is None:
         return None
-    address: Any = sock.getpeername()
+    try:
+        address: Any = sock.getpeername()
+    except OSError:
+        # The client already left (ENOTCONN). Fail closed: "unknown" is in
+        # no allow list, so anything it may have sent is refused.
+        return "unknown"
     return str(address[0])
 
 
@@ -348,8 +354,9 @@ def _own_addresses(
         own.add((config.listen_host, config.listen_port))
     sock = _tcp_socket(stream)
     if sock is not None:
-        address: Any = sock.getsockname()
-        own.add((str(address[0]), int(address[1])))
+        with contextlib.suppress(OSError):
+            address: Any = sock.getsockname()
+            own.add((str(address[0]), int(address[1])))
     return frozenset(own)
 
 
