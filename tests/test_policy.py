@@ -345,3 +345,13 @@ async def test_loop_to_a_port_0_listener_is_detected_over_tcp() -> None:
                 data = await stream.receive_some(65536)
             assert data.startswith(b"HTTP/1.1 508 Loop Detected"), data
         nursery.cancel_scope.cancel()
+
+
+async def test_unknown_peer_address_fails_closed() -> None:
+    """A TCP stream whose peer address cannot be read counts as 'unknown', which no list allows."""
+    from trioproxy._server import _peer_host
+
+    with trio.socket.socket() as sock:  # never connected: getpeername raises ENOTCONN
+        stream = trio.SocketStream(sock)
+        assert _peer_host(stream) == "unknown"
+    assert not client_allowed("unknown", parse_networks(["0.0.0.0/0", "::/0"]))
