@@ -9,6 +9,8 @@ disagree, a missing or repeated Host, malformed chunk headers and chunk data
 without its CRLF) but tolerant where a proxy must not be:
 
 * it accepts Content-Length together with Transfer-Encoding (chunked wins);
+* it accepts Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1 says to
+  treat that framing as faulty);
 * it merges repeated identical Content-Length fields, and a list value such as
   ``5, 5``, into one; after that ``Request.headers.raw_items()`` shows a single
   clean field, so the evidence is gone from the parsed view;
