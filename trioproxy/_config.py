@@ -145,7 +145,9 @@ class ProxyConfig:
     max_header_fields: int = attrs.field(
         default=DEFAULT_MAX_HEADER_FIELDS, validator=_in_range(1, 10_000)
     )
-    # Bytes of the request target; longer gets 414.
+    # Bytes of the request target; longer gets 414. Checked while the request
+    # line arrives, so it fires before the 431 of max_head_size as long as it
+    # is smaller than max_head_size minus the request line's other bytes.
     max_target_length: int = attrs.field(
         default=DEFAULT_MAX_TARGET_LENGTH, validator=_in_range(16, 16 * MiB)
     )
