@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import shutil
 
 import h11
 import pytest
@@ -355,3 +356,39 @@ async def test_unknown_peer_address_fails_closed() -> None:
         stream = trio.SocketStream(sock)
         assert _peer_host(stream) == "unknown"
     assert not client_allowed("unknown", parse_networks(["0.0.0.0/0", "::/0"]))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_proxy_user_against_basic_auth() -> None:
+    """curl --proxy-user gets through; without it, curl sees 407 and the origin nothing."""
+    seen: list[bytes] = []
+
+    async def origin(
+        request: h11.Request, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        seen.append(request.target)
+        return 200, [], b"hello"
+
+    async with trio.open_nursery() as nursery:
+        origin_port = await nursery.start(serve_origin, origin)
+        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig(auth="alice:pw"))
+        url = f"http://127.0.0.1:{origin_port}/x"
+        base = [
+            "curl",
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "%{http_code}",
+            "-x",
+            f"http://127.0.0.1:{proxy_port}",
+        ]
+        refused = await trio.run_process([*base, url], capture_stdout=True)
+        assert refused.stdout.endswith(b"407")
+        assert seen == []
+        allowed = await trio.run_process(
+            [*base, "--proxy-user", "alice:pw", url], capture_stdout=True
+        )
+        assert allowed.stdout == b"hello200"
+        assert seen == [b"/x"]
+        nursery.cancel_scope.cancel()
