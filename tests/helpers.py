@@ -171,3 +171,9 @@ def pattern(size: int) -> bytes:
     """Deterministic, non-repeating-looking payload of ``size`` bytes."""
     block = bytes((i * 7 + i // 251) % 256 for i in range(65521))  # prime-sized block
     return (block * (size // len(block) + 1))[:size]
+
+
+# Loopback origins listen on ephemeral ports, which the default
+# --connect-ports (443 only) refuses; CONNECT tests through the real server
+# allow every port.
+LOOPBACK_TEST_PORTS = "1-65535"

@@ -43,7 +43,7 @@ from trioproxy._splice import (
     splice_supported,
 )
 
-from .helpers import pattern, start_proxy
+from .helpers import LOOPBACK_TEST_PORTS, pattern, start_proxy
 from .streaming_origin import OriginLog, expected_sha256, payload_chunks, serve_streaming_origin
 
 needs_splice = pytest.mark.skipif(not splice_supported(), reason="splice(2) is Linux-only")
@@ -248,7 +248,9 @@ async def running(mode: str, *, splice: bool) -> AsyncIterator[Setup]:
     async with trio.open_nursery() as nursery:
         origin_port = await nursery.start(serve_streaming_origin, log)
         upstream = f"http://127.0.0.1:{origin_port}" if mode == "reverse" else None
-        config = trioproxy.ProxyConfig(upstream=upstream, splice=splice)
+        config = trioproxy.ProxyConfig(
+            upstream=upstream, splice=splice, connect_ports=LOOPBACK_TEST_PORTS
+        )
         proxy_port = await start_proxy(nursery, config, meters=meters)
         yield Setup(origin_port, proxy_port, log, meters)
         nursery.cancel_scope.cancel()
@@ -432,7 +434,9 @@ async def test_tls_tunnel_through_connect_stays_byte_exact() -> None:
         [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
         origin_port = listener.socket.getsockname()[1]
         nursery.start_soon(trio.serve_listeners, tls_origin, [listener])
-        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig(), meters=meters)
+        proxy_port = await start_proxy(
+            nursery, trioproxy.ProxyConfig(connect_ports=LOOPBACK_TEST_PORTS), meters=meters
+        )
         stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
         await stream.send_all(
             f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()

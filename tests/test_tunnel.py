@@ -27,7 +27,13 @@ from trioproxy._metrics import ProxyMeters
 from trioproxy._server import handle_connection
 from trioproxy._tunnel import Tunnel, TunnelStatistics, tunnel
 
-from .helpers import UpstreamPort, read_h11_message, send_h11_message, start_proxy
+from .helpers import (
+    LOOPBACK_TEST_PORTS,
+    UpstreamPort,
+    read_h11_message,
+    send_h11_message,
+    start_proxy,
+)
 
 # --- helpers ----------------------------------------------------------------
 
@@ -567,7 +573,9 @@ async def test_half_close_passes_through_the_real_server() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, reverse_after_eof, listeners)
         origin = b"127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
-        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig())
+        proxy_port = await start_proxy(
+            nursery, trioproxy.ProxyConfig(connect_ports=LOOPBACK_TEST_PORTS)
+        )
         with trio.fail_after(10):  # a guard against a hang, not a timing assertion
             client = await trio.open_tcp_stream("127.0.0.1", proxy_port)
             async with client:
@@ -622,7 +630,9 @@ async def test_https_through_the_proxy_with_http_client() -> None:
     ca = trustme.CA()
     async with trio.open_nursery() as nursery:
         origin_port = await nursery.start(serve_tls_origin, ca)
-        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig())
+        proxy_port = await start_proxy(
+            nursery, trioproxy.ProxyConfig(connect_ports=LOOPBACK_TEST_PORTS)
+        )
 
         def fetch() -> tuple[int, bytes]:
             context = ssl.create_default_context()
@@ -650,7 +660,9 @@ async def test_https_through_the_proxy_with_curl(tmp_path: Path) -> None:
     ca.cert_pem.write_to_path(str(ca_file))
     async with trio.open_nursery() as nursery:
         origin_port = await nursery.start(serve_tls_origin, ca)
-        proxy_port = await start_proxy(nursery, trioproxy.ProxyConfig())
+        proxy_port = await start_proxy(
+            nursery, trioproxy.ProxyConfig(connect_ports=LOOPBACK_TEST_PORTS)
+        )
         result = await trio.run_process(
             [
                 "curl",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -22,12 +23,15 @@ from ._config import (
     DEFAULT_BUFFER_CHUNKS,
     DEFAULT_MAX_BUFFER_MEMORY,
     DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_MAX_HEADER_FIELDS,
+    DEFAULT_MAX_TARGET_LENGTH,
     DEFAULT_READ_SIZE,
     ProxyConfig,
 )
 from ._limits import descriptors_needed, raise_open_file_limit
 from ._listen import listening_line
 from ._memory import prepare_process_memory
+from ._policy import LOOPBACK_NETWORKS
 from ._server import serve
 from ._workers import WorkerLink, WorkerStartupError, supervise
 
@@ -38,6 +42,8 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ACCESS_TEXT_FORMAT = "%(asctime)s %(message)s"
 
 _SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
+# Credentials on the command line are visible to every user in ps.
+AUTH_ENVIRONMENT_VARIABLE = "TRIOPROXY_AUTH"
 # Binary multiples throughout: a buffer size is a memory size.
 _SIZE_FACTORS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -131,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time from the end of the request to the upstream's response head (then 504)",
     )
+    _add_access_arguments(parser)
     _add_memory_arguments(parser)
     _add_operations_arguments(parser)
+    _add_logging_arguments(parser)
     parser.add_argument(
         "--workers",
         type=int,
@@ -207,6 +215,47 @@ def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="never use the zero-copy splice(2) path; always relay through user space",
     )
+
+
+def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may use the proxy, where CONNECT may go, and request head limits."""
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="client network allowed to use the proxy (repeatable; default: loopback only, "
+        "127.0.0.0/8 and ::1/128)",
+    )
+    parser.add_argument(
+        "--connect-ports",
+        default="443",
+        metavar="PORTS",
+        help="ports CONNECT may reach, e.g. 443,8443,9000-9100",
+    )
+    parser.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help=f"require Basic proxy credentials (better: set {AUTH_ENVIRONMENT_VARIABLE}, "
+        "which stays out of ps)",
+    )
+    parser.add_argument(
+        "--max-header-fields",
+        type=int,
+        default=DEFAULT_MAX_HEADER_FIELDS,
+        metavar="N",
+        help="most header fields in a request head (more get 431)",
+    )
+    parser.add_argument(
+        "--max-target-length",
+        type=parse_size,
+        default=DEFAULT_MAX_TARGET_LENGTH,
+        metavar="BYTES",
+        help="longest request target (longer gets 414)",
+    )
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """Diagnostics and the access log."""
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -248,6 +297,12 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         metrics_listen=args.metrics,
         splice=args.splice,
         workers=args.workers,
+        allow=args.allow if args.allow is not None else LOOPBACK_NETWORKS,
+        connect_ports=args.connect_ports,
+        # Read here, not as the flag's default, so --help never prints it.
+        auth=args.auth or os.environ.get(AUTH_ENVIRONMENT_VARIABLE) or None,
+        max_header_fields=args.max_header_fields,
+        max_target_length=args.max_target_length,
     )
 
 

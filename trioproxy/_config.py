@@ -14,6 +14,17 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ._framing import HeadLimits
+from ._policy import (
+    DEFAULT_CONNECT_PORTS,
+    LOOPBACK_NETWORKS,
+    IPNetwork,
+    PortRange,
+    parse_credentials,
+    parse_networks,
+    parse_port_ranges,
+)
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -33,6 +44,13 @@ DEFAULT_MAX_HEAD_SIZE = 64 * KiB
 # ~25 MB idle RSS the whole process stays near 128 MiB at a few hundred
 # connections, which fits the smallest common container limits.
 DEFAULT_MAX_BUFFER_MEMORY = 64 * MiB
+
+# Real browsers send 10-40 fields; 100 is nginx's and Node's order of
+# magnitude, and bounds per-field work on each head.
+DEFAULT_MAX_HEADER_FIELDS = 100
+# 8 KiB is the request-line limit of nginx (large_client_header_buffers) and
+# Apache (LimitRequestLine); RFC 9112 3 asks for at least 8000 octets.
+DEFAULT_MAX_TARGET_LENGTH = 8 * KiB
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -67,6 +85,11 @@ def _reuse_port_available(instance: Any, attribute: attrs.Attribute[Any], value:
             f"{attribute.name} needs SO_REUSEPORT load balancing, which this platform "
             f"({sys.platform}) lacks"
         )
+
+
+def _credentials(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        parse_credentials(value)
 
 
 def _in_range(low: int, high: int) -> Any:
@@ -207,6 +230,41 @@ class ProxyConfig:
     # Open the listening sockets with SO_REUSEPORT, so that other processes
     # of the same user may listen on the same port; set in workers.
     reuse_port: bool = attrs.field(default=False, validator=_reuse_port_available)
+
+    # --- Access control and request limits (see _policy and _framing) ---
+    # Client networks that may use the proxy; others get 403.
+    allow: tuple[IPNetwork, ...] = attrs.field(default=LOOPBACK_NETWORKS, converter=parse_networks)
+    # Ports CONNECT may reach, as inclusive ranges; others get 403.
+    connect_ports: tuple[PortRange, ...] = attrs.field(
+        default=DEFAULT_CONNECT_PORTS, converter=parse_port_ranges
+    )
+    # "USER:PASSWORD" for Basic proxy authentication, or None for none.
+    # Kept out of repr so that it never reaches a log.
+    auth: str | None = attrs.field(default=None, repr=False, validator=_credentials)
+    # Header fields per request head; more get 431.
+    max_header_fields: int = attrs.field(
+        default=DEFAULT_MAX_HEADER_FIELDS, validator=_in_range(1, 10_000)
+    )
+    # Bytes of the request target; longer gets 414. Checked while the request
+    # line arrives, so it fires before the 431 of max_head_size as long as it
+    # is smaller than max_head_size minus the request line's other bytes.
+    max_target_length: int = attrs.field(
+        default=DEFAULT_MAX_TARGET_LENGTH, validator=_in_range(16, 16 * MiB)
+    )
+
+    @property
+    def credentials(self) -> bytes | None:
+        """``auth`` as the bytes Basic credentials carry, or None."""
+        return None if self.auth is None else parse_credentials(self.auth)
+
+    @property
+    def head_limits(self) -> HeadLimits:
+        """The limits a request head is checked against."""
+        return HeadLimits(
+            max_head_size=self.max_head_size,
+            max_header_fields=self.max_header_fields,
+            max_target_length=self.max_target_length,
+        )
 
     @property
     def mode(self) -> str:

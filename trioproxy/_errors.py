@@ -22,7 +22,8 @@ class ProxyError(Exception):
 
     status_code: ClassVar[int] = 500
     reason: ClassVar[bytes] = b"Internal Server Error"
-    # Fields the error response must carry besides the usual ones (405: Allow).
+    # Fields the error response must carry besides the usual ones
+    # (405: Allow; 407: Proxy-Authenticate).
     response_fields: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str) -> None:
@@ -59,6 +60,8 @@ class ProxyAuthenticationRequired(ProxyError):
 
     status_code = 407
     reason = b"Proxy Authentication Required"
+    # RFC 9110 11.7.1: a 407 must say which scheme to use.
+    response_fields = ((b"Proxy-Authenticate", b'Basic realm="trioproxy"'),)
 
 
 class RequestTimeout(ProxyError):
@@ -96,6 +99,13 @@ class GatewayTimeout(ProxyError):
     reason = b"Gateway Timeout"
 
 
+class LoopDetected(ProxyError):
+    """The request would come back to this proxy (its own address, or Via)."""
+
+    status_code = 508
+    reason = b"Loop Detected"
+
+
 class ClientGone(Exception):
     """The client closed or reset its connection; nobody is left to answer.
 
@@ -114,6 +124,7 @@ _BY_STATUS: dict[int, type[ProxyError]] = {
         HeadersTooLarge,
         BadGateway,
         GatewayTimeout,
+        LoopDetected,
     )
 }
 

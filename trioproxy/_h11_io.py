@@ -17,6 +17,7 @@ import h11
 import trio
 
 from ._errors import BadGateway, ClientGone, ProxyError, error_for_status
+from ._framing import HeadLimits, RequestHeadGuard
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -64,6 +65,7 @@ class H11Endpoint:
             data = bytes(await self.stream.receive_some(self.read_size))
         except _STREAM_ERRORS as exc:
             raise self._stream_error(exc) from exc
+        self._received(data)
         try:
             self.conn.receive_data(data)
         except h11.RemoteProtocolError as exc:
@@ -107,6 +109,9 @@ class H11Endpoint:
         data = self.conn.send(event)
         return [data] if data else []
 
+    def _received(self, data: bytes) -> None:
+        """Look at ``data`` before h11 parses it (a hook; by default nothing)."""
+
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> Exception:
         raise NotImplementedError
 
@@ -115,7 +120,52 @@ class H11Endpoint:
 
 
 class ClientEndpoint(H11Endpoint):
-    """The client side: its protocol errors are 4xx, its broken stream ClientGone."""
+    """The client side: its protocol errors are 4xx, its broken stream ClientGone.
+
+    Args:
+        head_limits: if given, every request head is checked byte for byte by
+            a ``RequestHeadGuard`` before h11 parses it (see ``_framing``).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        *,
+        read_size: int,
+        head_limits: HeadLimits | None = None,
+    ) -> None:
+        super().__init__(stream, conn, read_size=read_size)
+        self._head_limits = head_limits
+        self._head_guard: RequestHeadGuard | None = None
+        # The method of the request being answered: a response to HEAD has no
+        # body, so an error response to it must not send one.
+        self.request_method: bytes | None = None
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """As ``H11Endpoint.next_event``, with each request head checked first."""
+        if self.conn.their_state is h11.IDLE:
+            self.request_method = None
+        self._start_head_guard()
+        event = await super().next_event()
+        if isinstance(event, h11.Request):
+            self._head_guard = None
+            self.request_method = event.method
+        return event
+
+    def _start_head_guard(self) -> None:
+        if self._head_limits is None or self._head_guard is not None:
+            return
+        if self.conn.their_state is not h11.IDLE:
+            return
+        self._head_guard = RequestHeadGuard(self._head_limits)
+        # Pipelined bytes h11 already holds are the start of this head. One
+        # copy per request, of at most one read.
+        self._head_guard.feed(self.conn.trailing_data[0])
+
+    def _received(self, data: bytes) -> None:
+        if self._head_guard is not None and not self._head_guard.done:
+            self._head_guard.feed(data)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> ProxyError:
         return error_for_status(exc.error_status_hint, str(exc))

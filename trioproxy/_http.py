@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 import h11
 
-from ._config import ProxyConfig, Upstream
+from ._config import Upstream
 from ._errors import BadRequest, ProxyError
 
 Headers = list[tuple[bytes, bytes]]
@@ -188,8 +188,9 @@ def upstream_request_headers(
     result = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
     result.insert(0, (b"Host", target.authority))
     if any(n.lower() == b"transfer-encoding" for n, _ in headers):
-        # h11 frames a request body only as its fields declare; h11 already
-        # accepted the client's coding as chunked, so declare chunked anew.
+        # h11 frames a request body as chunked only when told to; without
+        # this, a chunked upload would be framed as Content-Length: 0 (h11
+        # only accepts "chunked" from the client, so that is all this can be).
         result.append((b"Transfer-Encoding", b"chunked"))
     result = _append_field(result, b"Via", VIA_VALUE)
     if reverse:
@@ -249,16 +250,6 @@ def connect_target(request_target: bytes) -> Target:
         raise BadRequest("the CONNECT target must name a port, such as example.com:443")
     host, port = split_authority(request_target, default_port=0)
     return Target(host=host, port=port, path=request_target, authority=request_target)
-
-
-def check_connect_target(target: Target, config: ProxyConfig) -> None:
-    """The seam for CONNECT access control (which hosts and ports may be tunnelled).
-
-    Allows every target for now; the policy is configured elsewhere.
-
-    Raises:
-        Forbidden: (once implemented) for a target the policy refuses.
-    """
 
 
 def upgrade_fields(headers: Sequence[tuple[bytes, bytes]]) -> Headers:

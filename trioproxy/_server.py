@@ -3,6 +3,9 @@
 Per client connection (``handle_connection``):
 
 1. h11 (server role) reads a request head; a malformed one gets 400 or 431.
+   Before h11 parses it, ``_framing``'s guard checks the raw head against
+   smuggling and limits (400, 414, 431); then ``_policy`` decides: client
+   address (403), credentials (407), CONNECT port (403), loops (508).
 2. The target comes from the absolute URI (forward mode) or the fixed
    upstream (reverse mode); a new upstream connection is opened for the
    exchange (connect timeout: 504; refused or unresolvable: 502).
@@ -31,8 +34,10 @@ a few lines: ``_timeouts`` (idle, request head, body stall), ``_limits``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -46,7 +51,6 @@ from ._errors import BadGateway, ClientGone, GatewayTimeout, MethodNotAllowed, P
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import (
     Target,
-    check_connect_target,
     client_response_headers,
     connect_target,
     error_response,
@@ -58,6 +62,7 @@ from ._http import (
 from ._listen import open_reuse_port_listeners
 from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
+from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
 from ._relay import collapse_single_error, relay_body
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
@@ -83,6 +88,7 @@ class _Context:
     meters: ProxyMeters
     client_host: str | None
     shutdown: Shutdown
+    own_addresses: frozenset[tuple[str, int]]
 
 
 async def handle_connection(
@@ -92,6 +98,8 @@ async def handle_connection(
     open_upstream: OpenUpstream = open_tcp_upstream,
     meters: ProxyMeters | None = None,
     shutdown: Shutdown | None = None,
+    client_address: str | None = None,
+    listen_addresses: Collection[tuple[str, int]] = (),
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -109,6 +117,13 @@ async def handle_connection(
             if given; else this connection gets its own.
         shutdown: the server's draining state; when it drains, an idle
             connection closes at once and a busy one after its exchange.
+        client_address: the client's IP address, checked against
+            ``config.allow``. By default the peer address of a TCP stream (or
+            of TLS over TCP); a stream without one (in-memory, Unix socket)
+            skips the allow list: its acceptor decided who may connect.
+        listen_addresses: ``(host, port)`` of the listeners serving this
+            connection, for loop detection; the stream's own local address
+            and ``config.listen_host:listen_port`` (unless port 0) count too.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
@@ -118,11 +133,14 @@ async def handle_connection(
         config=config,
         open_upstream=open_upstream,
         meters=meters if meters is not None else ProxyMeters.for_config(config),
-        client_host=_peer_host(stream),
+        client_host=client_address if client_address is not None else _peer_host(stream),
         shutdown=shutdown if shutdown is not None else Shutdown(),
+        own_addresses=_own_addresses(stream, config, listen_addresses),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
-    client = ClientEndpoint(stream, conn, read_size=config.read_size)
+    client = ClientEndpoint(
+        stream, conn, read_size=config.read_size, head_limits=config.head_limits
+    )
     context.meters.client_connections += 1
     try:
         await _serve_requests(client, context)
@@ -183,7 +201,8 @@ async def _end_with_error(client: ClientEndpoint, error: ProxyError, meters: Pro
     response, body = error_response(error)
     try:
         await client.send(response)
-        await client.send(h11.Data(data=body))
+        if client.request_method != b"HEAD":
+            await client.send(h11.Data(data=body))
         await client.send(h11.EndOfMessage())
     except ClientGone:
         return
@@ -216,8 +235,12 @@ async def _serve_connect(
     """Open a tunnel to the CONNECT target, or raise the error to answer."""
     if context.config.upstream is not None:
         raise MethodNotAllowed("CONNECT is not available on a reverse proxy")
+    fields = request.headers.raw_items()
+    check_client(context.client_host, context.config.allow)
+    check_credentials(fields, context.config.credentials)
     target = connect_target(request.target)
-    check_connect_target(target, context.config)
+    check_connect_port(target.port, context.config.connect_ports)
+    check_not_loop(target.host, target.port, fields, context.own_addresses)
     record.set_upstream(target.host, target.port)
     await receive_connect_end(client)
     upstream_stream = await _connect(target, context)
@@ -233,7 +256,11 @@ async def _exchange(
     client: ClientEndpoint, request: h11.Request, context: _Context, record: AccessRecord
 ) -> None:
     """Forward one request and its response; see the module comment."""
+    fields = request.headers.raw_items()
+    check_client(context.client_host, context.config.allow)
+    check_credentials(fields, context.config.credentials)
     target = _target_for(request, context.config)
+    check_not_loop(target.host, target.port, fields, context.own_addresses)
     record.set_upstream(target.host, target.port)
     upstream_stream = await _connect(target, context)
     context.meters.upstream_connections += 1
@@ -385,14 +412,44 @@ async def _receive_response_head(
     raise GatewayTimeout("the upstream did not send a response head in time")
 
 
-def _peer_host(stream: trio.abc.Stream) -> str | None:
-    """The client's IP address, if ``stream`` is a TCP socket stream."""
+def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` (through TLS), if there is one."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if not isinstance(stream, trio.SocketStream):
         return None
     if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    address: Any = stream.socket.getpeername()
+    return stream.socket
+
+
+def _peer_host(stream: trio.abc.Stream) -> str | None:
+    """The client's IP address, if ``stream`` is TCP (or TLS over TCP)."""
+    sock = _tcp_socket(stream)
+    if sock is None:
+        return None
+    try:
+        address: Any = sock.getpeername()
+    except OSError:
+        # The client already left (ENOTCONN). Fail closed: "unknown" is in
+        # no allow list, so anything it may have sent is refused.
+        return "unknown"
     return str(address[0])
+
+
+def _own_addresses(
+    stream: trio.abc.Stream, config: ProxyConfig, listen_addresses: Collection[tuple[str, int]]
+) -> frozenset[tuple[str, int]]:
+    """Every ``(host, port)`` that reaches this proxy, as far as we know."""
+    own = set(listen_addresses)
+    if config.listen_port != 0:
+        own.add((config.listen_host, config.listen_port))
+    sock = _tcp_socket(stream)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            address: Any = sock.getsockname()
+            own.add((str(address[0]), int(address[1])))
+    return frozenset(own)
 
 
 async def serve(
@@ -422,10 +479,16 @@ async def serve(
     # Workers share the port with SO_REUSEPORT (see _listen, _workers).
     open_listeners = open_reuse_port_listeners if config.reuse_port else trio.open_tcp_listeners
     listeners = await open_listeners(config.listen_port, host=config.listen_host)
+    listen_addresses = [listener.socket.getsockname()[:2] for listener in listeners]
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(
-            stream, config, open_upstream=open_upstream, meters=shared_meters, shutdown=shutdown
+            stream,
+            config,
+            open_upstream=open_upstream,
+            meters=shared_meters,
+            shutdown=shutdown,
+            listen_addresses=listen_addresses,
         )
 
     async with trio.open_nursery() as nursery:
