@@ -113,7 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="time from the end of the request to the upstream's response head (then 504)",
     )
     _add_operations_arguments(parser)
+    _add_pool_arguments(parser)
     return parser
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reverse mode's pool of idle upstream keep-alive connections."""
+    parser.add_argument(
+        "--upstream-pool-size",
+        type=int,
+        default=_DEFAULTS.upstream_pool_size,
+        metavar="N",
+        help="reverse mode: idle upstream connections kept for reuse (0: a new one per request)",
+    )
+    parser.add_argument(
+        "--upstream-idle-timeout",
+        type=float,
+        default=_DEFAULTS.upstream_idle_timeout,
+        metavar="SECONDS",
+        help="reverse mode: time an idle upstream connection is kept (then closed)",
+    )
 
 
 def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +210,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         stall_timeout=args.stall_timeout,
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
+        upstream_pool_size=args.upstream_pool_size,
+        upstream_idle_timeout=args.upstream_idle_timeout,
     )
 
 

@@ -35,6 +35,8 @@ class H11Endpoint:
         self.stream = stream
         self.conn = conn
         self.read_size = read_size
+        # Bytes read from the stream so far; tells whether a peer sent anything.
+        self.bytes_received = 0
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """Return h11's next event, reading from the stream as h11 needs.
@@ -64,6 +66,7 @@ class H11Endpoint:
             data = bytes(await self.stream.receive_some(self.read_size))
         except _STREAM_ERRORS as exc:
             raise self._stream_error(exc) from exc
+        self.bytes_received += len(data)
         try:
             self.conn.receive_data(data)
         except h11.RemoteProtocolError as exc:

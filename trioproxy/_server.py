@@ -50,10 +50,12 @@ from ._http import (
     connect_target,
     error_response,
     forward_target,
+    request_has_body,
     reverse_target,
     upgrade_fields,
     upstream_request_headers,
 )
+from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
 from ._relay import BufferGauge, collapse_single_error, relay_body
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
@@ -94,6 +96,7 @@ class _Context:
     meters: ProxyMeters
     client_host: str | None
     shutdown: Shutdown
+    pool: UpstreamPool
 
 
 async def handle_connection(
@@ -103,6 +106,7 @@ async def handle_connection(
     open_upstream: OpenUpstream = open_tcp_upstream,
     meters: ProxyMeters | None = None,
     shutdown: Shutdown | None = None,
+    pool: UpstreamPool | None = None,
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -119,6 +123,9 @@ async def handle_connection(
         meters: counters of bytes held, shared across connections if given.
         shutdown: the server's draining state; when it drains, an idle
             connection closes at once and a busy one after its exchange.
+        pool: idle upstream connections to reuse, shared across client
+            connections (see ``open_upstream_pool``); without one, each
+            exchange opens its own upstream connection and closes it.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
@@ -130,6 +137,7 @@ async def handle_connection(
         meters=meters if meters is not None else ProxyMeters(),
         client_host=_peer_host(stream),
         shutdown=shutdown if shutdown is not None else Shutdown(),
+        pool=pool if pool is not None else UpstreamPool(max_idle=0),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(stream, conn, read_size=config.read_size)
@@ -226,7 +234,7 @@ async def _serve_connect(
     check_connect_target(target, context.config)
     record.set_upstream(target.host, target.port)
     await receive_connect_end(client)
-    upstream_stream = await _connect(target, context)
+    upstream_stream = await _connect_stream(target, context)
     try:
         await tunnel_after_connect(client, upstream_stream, context.config, context.meters.tunnels)
     finally:
@@ -236,24 +244,61 @@ async def _serve_connect(
 async def _exchange(
     client: ClientEndpoint, request: h11.Request, context: _Context, record: AccessRecord
 ) -> None:
-    """Forward one request and its response; see the module comment."""
+    """Forward one request and its response; see the module comment.
+
+    The upstream connection comes from the pool if one is idle; after a clean
+    exchange it goes back (the pool decides whether it can be reused), after a
+    failed one it is closed. A request without a body that fails on a reused
+    connection before any response byte came is sent once more on a new
+    connection if its method allows (see ``_pool``).
+    """
     target = _target_for(request, context.config)
     record.set_upstream(target.host, target.port)
-    upstream_stream = await _connect(target, context)
+    headers = upstream_request_headers(
+        request.headers.raw_items(),
+        target=target,
+        client_host=context.client_host,
+        reverse=context.config.upstream is not None,
+    )
+    headers += upgrade_fields(request.headers.raw_items())
+    upstream_request = h11.Request(method=request.method, target=target.path, headers=headers)
+    has_body = request_has_body(request)
+    if not has_body:
+        await client.next_event()  # its EndOfMessage, read now: nothing to pump
+    upstream = await context.pool.checkout(target.host, target.port)
+    if upstream is None:
+        upstream = await _connect(target, context)
     try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
-        upstream = UpstreamEndpoint(upstream_stream, conn, read_size=context.config.read_size)
-        headers = upstream_request_headers(
-            request.headers.raw_items(),
-            target=target,
-            client_host=context.client_host,
-            reverse=context.config.upstream is not None,
-        )
-        headers += upgrade_fields(request.headers.raw_items())
-        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
-        await _relay_messages(client, upstream, request, context, record)
-    finally:
-        await trio.aclose_forcefully(upstream_stream)
+        try:
+            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+        except BadGateway as error:
+            if not may_retry(upstream, request, has_body=has_body):
+                raise
+            logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
+            await trio.aclose_forcefully(upstream.endpoint.stream)
+            upstream = await _connect(target, context)
+            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+    except BaseException:
+        await trio.aclose_forcefully(upstream.endpoint.stream)
+        raise
+    await context.pool.release(upstream)
+
+
+async def _forward(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    upstream_request: h11.Request,
+    request: h11.Request,
+    context: _Context,
+    record: AccessRecord,
+) -> None:
+    """Send ``upstream_request`` (the client's ``request`` as it goes upstream)
+    and, when it has no body, its end; then relay."""
+    has_body = request_has_body(request)
+    await upstream.send(upstream_request)
+    if not has_body:
+        await upstream.send(h11.EndOfMessage())
+    await _relay_messages(client, upstream, request, has_body, context, record)
 
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
@@ -262,8 +307,17 @@ def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
     return reverse_target(request.target, config.upstream)
 
 
-async def _connect(target: Target, context: _Context) -> trio.abc.Stream:
-    """Open the upstream connection within ``connect_timeout`` (else 504)."""
+async def _connect(target: Target, context: _Context) -> PooledUpstream:
+    """Open a new upstream connection within ``connect_timeout`` (else 504)."""
+    stream = await _connect_stream(target, context)
+    config = context.config
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=config.max_head_size)
+    endpoint = UpstreamEndpoint(stream, conn, read_size=config.read_size)
+    return PooledUpstream(endpoint, target.host, target.port)
+
+
+async def _connect_stream(target: Target, context: _Context) -> trio.abc.Stream:
+    """Open the upstream stream within ``connect_timeout`` (else 504)."""
     timeout = context.config.connect_timeout
     with trio.move_on_after(timeout):
         return await context.open_upstream(target.host, target.port)
@@ -274,10 +328,11 @@ async def _relay_messages(
     client: ClientEndpoint,
     upstream: UpstreamEndpoint,
     request: h11.Request,
+    has_body: bool,
     context: _Context,
     record: AccessRecord,
 ) -> None:
-    """Pump the request body up while the response comes down.
+    """Pump the request body up (if it has one) while the response comes down.
 
     The response may start before the request body ends (an upstream may
     answer early, e.g. 413); when the response is complete, an unfinished
@@ -303,13 +358,19 @@ async def _relay_messages(
             # The upstream stopped reading; its response (or its silence)
             # tells the client what happened, so wait for that.
             logger.debug("upstream stopped reading the request body: %s", exc)
+        request_ended()
+
+    def request_ended() -> None:
         head_deadline.deadline = trio.current_time() + config.upstream_timeout
         request_sent.set()
 
     with collapse_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog.watch, nursery.cancel_scope)
-            nursery.start_soon(send_request_body)
+            if has_body:
+                nursery.start_soon(send_request_body)
+            else:
+                request_ended()
             response = await _receive_response_head(client, upstream, request, head_deadline)
             if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
                 # The switch happens after the whole request. An upstream that
@@ -414,17 +475,26 @@ async def serve(
     shared_meters = meters if meters is not None else ProxyMeters()
     shutdown = Shutdown()
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    pool_size = config.upstream_pool_size if config.upstream is not None else 0
+    async with open_upstream_pool(
+        max_idle=pool_size, idle_timeout=config.upstream_idle_timeout
+    ) as pool:
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(
-            stream, config, open_upstream=open_upstream, meters=shared_meters, shutdown=shutdown
+        async def handler(stream: trio.SocketStream) -> None:
+            await handle_connection(
+                stream,
+                config,
+                open_upstream=open_upstream,
+                meters=shared_meters,
+                shutdown=shutdown,
+                pool=pool,
+            )
+
+        await serve_until_shutdown(
+            handler,
+            listeners,
+            config=config,
+            shutdown=shutdown,
+            trigger=shutdown_trigger,
+            task_status=task_status,
         )
-
-    await serve_until_shutdown(
-        handler,
-        listeners,
-        config=config,
-        shutdown=shutdown,
-        trigger=shutdown_trigger,
-        task_status=task_status,
-    )
