@@ -53,6 +53,17 @@ class H11Endpoint:
                 return event
             await self.receive_once()
 
+    def next_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """h11's next event from the bytes already received; never reads.
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise self._protocol_error(exc) from exc
+
     async def receive_once(self) -> None:
         """Read once from the stream and hand the bytes (or EOF) to h11.
 
@@ -85,8 +96,15 @@ class H11Endpoint:
             ProxyError or ClientGone: as translated by the subclass.
         """
         data = self.conn.send(event)
-        if not data:
-            return
+        if data:
+            await self.send_framed(data)
+
+    async def send_framed(self, data: bytes | bytearray) -> None:
+        """Write bytes that ``self.conn.send`` framed (one or more events at once).
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS as exc:

@@ -278,6 +278,7 @@ async def relay_body(
     buffer_chunks: int,
     gauge: BufferGauge | None = None,
     progress: Progress | None = None,
+    head: h11.Response | None = None,
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -285,9 +286,15 @@ async def relay_body(
     (Content-Length, chunked, or close-delimited as the sink's hop needs).
     Trailers are dropped, as hop-by-hop ``Trailer`` is.
 
+    ``head``, if given, is sent first. When ``source`` has already received
+    the whole body (a 1 KiB response usually comes in the read that brought
+    its head), head, body and end go out in one ``send_all`` and no pump,
+    nursery or task is started (``_send_buffered``).
+
     Memory: the same bound as ``relay``, with ``source.read_size`` as the
     chunk size (a Data event never exceeds what one read returned plus the
-    unparsed rest of the previous one).
+    unparsed rest of the previous one). Before the pump starts, at most what
+    h11 had already received is held: one such chunk.
 
     Raises:
         ProxyError or ClientGone: from either side, as its endpoint translates
@@ -300,9 +307,21 @@ async def relay_body(
         buffer_chunks: the pump's channel capacity N.
         gauge: a shared counter of bytes held.
         progress: updated as chunks move (see ``Progress``).
+        head: the message head to send before the body.
     """
+    progress = progress if progress is not None else Progress()
+    gauge = gauge if gauge is not None else BufferGauge()
+    pending, ended = await _send_buffered(source, sink, head, gauge=gauge, progress=progress)
+    if ended:
+        sent = progress.bytes_written
+        return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
 
     async def read() -> bytes:
+        nonlocal pending
+        if pending:  # pulled by _send_buffered and on the gauge, which the pump re-adds
+            chunk, pending = pending, b""
+            gauge.remove(len(chunk))
+            return chunk
         while True:
             event = await source.next_event()
             if isinstance(event, h11.Data):
@@ -320,3 +339,61 @@ async def relay_body(
     statistics = await pump.run(read, write)
     await sink.send(h11.EndOfMessage())
     return statistics
+
+
+async def _send_buffered(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    head: h11.Response | None,
+    *,
+    gauge: BufferGauge,
+    progress: Progress,
+) -> tuple[bytes, bool]:
+    """Send ``head``, and the whole body too if ``source`` already holds it.
+
+    Pulls h11 events without reading from the stream, so it holds at most
+    what h11 had received (one read's worth of body). When that includes the
+    ``EndOfMessage``, head, body and end go out in one write. Otherwise the
+    head goes alone, as before, and the body bytes pulled are returned for
+    the pump's first read, so the pump reads ahead from the start and the
+    backpressure bound is the pump's. ``progress`` runs during the write, so
+    a stall watchdog sees a receiver that takes nothing.
+
+    Returns:
+        The body bytes pulled but not sent, and True if the message ended.
+    """
+    chunks: list[bytes] = []
+    ended = False
+    while not ended:
+        event = source.next_event_nowait()
+        if isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            ended = True
+        else:
+            break
+    body = b"".join(chunks)  # no copy for the usual single chunk
+    framed = bytearray(sink.conn.send(head) or b"") if head is not None else bytearray()
+    if ended:
+        if body:
+            framed += sink.conn.send(h11.Data(data=body)) or b""
+        framed += sink.conn.send(h11.EndOfMessage()) or b""
+    held = len(body)
+    gauge.add(held)
+    progress.running = True
+    progress.moved()
+    try:
+        if framed:
+            await sink.send_framed(framed)
+    except BaseException:
+        gauge.remove(held)
+        raise
+    finally:
+        progress.running = False
+    if not ended:
+        return body, False  # still on the gauge: the pump's first read takes it over
+    gauge.remove(held)
+    progress.bytes_read += held
+    progress.bytes_written += held
+    progress.moved()
+    return b"", True

@@ -384,20 +384,19 @@ async def _relay_messages(
                 nursery.cancel_scope.cancel()  # the stall watchdog ends with the exchange
                 return
             record.status = response.status_code
-            with watchdog.guard():
-                await client.send(
-                    h11.Response(
-                        status_code=response.status_code,
-                        headers=client_response_headers(response.headers.raw_items()),
-                        reason=response.reason,
-                    )
-                )
+            # The head goes with the body's first bytes; the response body's
+            # progress runs while it is written, so the watchdog guards it.
             await relay_body(
                 upstream,
                 client,
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
+                head=h11.Response(
+                    status_code=response.status_code,
+                    headers=client_response_headers(response.headers.raw_items()),
+                    reason=response.reason,
+                ),
             )
             nursery.cancel_scope.cancel()
     if watchdog.stalled:
