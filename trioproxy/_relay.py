@@ -279,6 +279,7 @@ async def relay_body(
     gauge: BufferGauge | None = None,
     progress: Progress | None = None,
     head: h11.Response | None = None,
+    first_chunk: bytes = b"",
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -289,7 +290,7 @@ async def relay_body(
     ``head``, if given, is sent first. When ``source`` has already received
     the whole body (a 1 KiB response usually comes in the read that brought
     its head), head, body and end go out in one ``send_all`` and no pump,
-    nursery or task is started (``_send_buffered``).
+    nursery or task is started (``send_buffered``).
 
     Memory: the same bound as ``relay``, with ``source.read_size`` as the
     chunk size (a Data event never exceeds what one read returned plus the
@@ -308,17 +309,21 @@ async def relay_body(
         gauge: a shared counter of bytes held.
         progress: updated as chunks move (see ``Progress``).
         head: the message head to send before the body.
+        first_chunk: body bytes a caller's own ``send_buffered`` pulled and
+            left on ``gauge`` (without ``head``); relayed first.
     """
     progress = progress if progress is not None else Progress()
     gauge = gauge if gauge is not None else BufferGauge()
-    pending, ended = await _send_buffered(source, sink, head, gauge=gauge, progress=progress)
-    if ended:
-        sent = progress.bytes_written
-        return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
+    pending = first_chunk
+    if head is not None:
+        pending, ended = await send_buffered(source, sink, head, gauge=gauge, progress=progress)
+        if ended:
+            sent = progress.bytes_written
+            return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
 
     async def read() -> bytes:
         nonlocal pending
-        if pending:  # pulled by _send_buffered and on the gauge, which the pump re-adds
+        if pending:  # pulled by send_buffered and on the gauge, which the pump re-adds
             chunk, pending = pending, b""
             gauge.remove(len(chunk))
             return chunk
@@ -341,7 +346,7 @@ async def relay_body(
     return statistics
 
 
-async def _send_buffered(
+async def send_buffered(
     source: H11Endpoint,
     sink: H11Endpoint,
     head: h11.Response | None,
@@ -360,7 +365,9 @@ async def _send_buffered(
     a stall watchdog sees a receiver that takes nothing.
 
     Returns:
-        The body bytes pulled but not sent, and True if the message ended.
+        The body bytes pulled but not sent (still counted on ``gauge``: pass
+        them to ``relay_body`` as ``first_chunk``), and True if the message
+        ended.
     """
     chunks: list[bytes] = []
     ended = False

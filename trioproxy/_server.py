@@ -56,7 +56,7 @@ from ._http import (
     upstream_request_headers,
 )
 from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
-from ._relay import BufferGauge, collapse_single_error, relay_body
+from ._relay import BufferGauge, collapse_single_error, relay_body, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._timeouts import StallWatchdog, read_request_head, wait_for_request
@@ -296,9 +296,11 @@ async def _forward(
     and, when it has no body, its end; then relay."""
     has_body = request_has_body(request)
     await upstream.send(upstream_request)
-    if not has_body:
+    if has_body:
+        await _relay_messages(client, upstream, request, context, record)
+    else:
         await upstream.send(h11.EndOfMessage())
-    await _relay_messages(client, upstream, request, has_body, context, record)
+        await _relay_response(client, upstream, request, context, record)
 
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
@@ -328,11 +330,10 @@ async def _relay_messages(
     client: ClientEndpoint,
     upstream: UpstreamEndpoint,
     request: h11.Request,
-    has_body: bool,
     context: _Context,
     record: AccessRecord,
 ) -> None:
-    """Pump the request body up (if it has one) while the response comes down.
+    """Pump the request body up while the response comes down.
 
     The response may start before the request body ends (an upstream may
     answer early, e.g. 413); when the response is complete, an unfinished
@@ -358,19 +359,13 @@ async def _relay_messages(
             # The upstream stopped reading; its response (or its silence)
             # tells the client what happened, so wait for that.
             logger.debug("upstream stopped reading the request body: %s", exc)
-        request_ended()
-
-    def request_ended() -> None:
         head_deadline.deadline = trio.current_time() + config.upstream_timeout
         request_sent.set()
 
     with collapse_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog.watch, nursery.cancel_scope)
-            if has_body:
-                nursery.start_soon(send_request_body)
-            else:
-                request_ended()
+            nursery.start_soon(send_request_body)
             response = await _receive_response_head(client, upstream, request, head_deadline)
             if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
                 # The switch happens after the whole request. An upstream that
@@ -392,15 +387,73 @@ async def _relay_messages(
                 buffer_chunks=config.buffer_chunks,
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
-                head=h11.Response(
-                    status_code=response.status_code,
-                    headers=client_response_headers(response.headers.raw_items()),
-                    reason=response.reason,
-                ),
+                head=_client_head(response),
             )
             nursery.cancel_scope.cancel()
     if watchdog.stalled:
-        raise GatewayTimeout(f"no byte moved for {config.stall_timeout:g} s")
+        raise _stalled(config)
+
+
+async def _relay_response(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    context: _Context,
+    record: AccessRecord,
+) -> None:
+    """Relay the response to a request without a body (most GETs).
+
+    Nothing is uploaded alongside, so the usual small response needs no
+    nursery and no task: its head and the body that came with it go out in
+    one write (``send_buffered``) under a plain ``stall_timeout`` deadline,
+    which is the watchdog's rule when one write is all that moves. Only a
+    body that needs a pump gets the watchdog task, as in ``_relay_messages``.
+    """
+    config = context.config
+    head_deadline = trio.CancelScope(deadline=trio.current_time() + config.upstream_timeout)
+    response = await _receive_response_head(client, upstream, request, head_deadline)
+    record.status = response.status_code
+    if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
+        await tunnel_after_upgrade(client, upstream, response, config, context.meters.tunnels)
+        return
+    gauge = context.meters.response_bodies
+    progress = record.response_body
+    with trio.move_on_after(config.stall_timeout) as head_write:
+        pending, ended = await send_buffered(
+            upstream, client, _client_head(response), gauge=gauge, progress=progress
+        )
+    if head_write.cancelled_caught:
+        raise _stalled(config)
+    if ended:
+        return
+    watchdog = StallWatchdog([progress], config.stall_timeout)
+    with collapse_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.watch, nursery.cancel_scope)
+            await relay_body(
+                upstream,
+                client,
+                buffer_chunks=config.buffer_chunks,
+                gauge=gauge,
+                progress=progress,
+                first_chunk=pending,
+            )
+            nursery.cancel_scope.cancel()
+    if watchdog.stalled:
+        raise _stalled(config)
+
+
+def _client_head(response: h11.Response) -> h11.Response:
+    """The upstream's response head as it goes to the client."""
+    return h11.Response(
+        status_code=response.status_code,
+        headers=client_response_headers(response.headers.raw_items()),
+        reason=response.reason,
+    )
+
+
+def _stalled(config: ProxyConfig) -> GatewayTimeout:
+    return GatewayTimeout(f"no byte moved for {config.stall_timeout:g} s")
 
 
 async def _receive_response_head(
