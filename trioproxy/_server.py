@@ -4,13 +4,16 @@ Per client connection (``handle_connection``):
 
 1. h11 (server role) reads a request head; a malformed one gets 400 or 431.
 2. The target comes from the absolute URI (forward mode) or the fixed
-   upstream (reverse mode); a new upstream connection is opened for the
-   exchange (connect timeout: 504; refused or unresolvable: 502).
+   upstream (reverse mode); the upstream connection is an idle one from the
+   pool (``_pool``, reverse mode) or a new one (connect timeout: 504; refused
+   or unresolvable: 502). After a clean exchange it goes back to the pool.
 3. In the exchange's nursery, the request body is pumped client -> upstream
    while this task waits for the response head (upstream timeout: 504, counted
    from the end of the request body, so slow uploads are not cut), forwards
    1xx responses, sends the head and pumps the response body upstream ->
-   client. Each pump is the bounded ``Pump`` of ``_relay``.
+   client. Each pump is the bounded ``Pump`` of ``_relay``. A request without
+   a body (most GETs) needs no nursery: its response is relayed by this task
+   (``_relay_response``), and a small one goes out in a single write.
 4. If both messages completed and both sides allow it, the next request is read
    from the same client connection (keep-alive).
 5. CONNECT (forward mode only) and an upstream's 101 to an Upgrade request
