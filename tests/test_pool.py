@@ -287,9 +287,13 @@ def endpoint_on(pair: tuple[trio.abc.Stream, trio.abc.Stream]) -> UpstreamEndpoi
     return UpstreamEndpoint(pair[0], h11.Connection(h11.CLIENT), read_size=1024)
 
 
-def done_endpoint(response_headers: list[tuple[str, str]]) -> UpstreamEndpoint:
-    """An endpoint whose h11 state went through one GET and one response."""
-    endpoint = endpoint_on(trio.testing.memory_stream_pair())
+def done_endpoint(
+    response_headers: list[tuple[str, str]], stream: trio.abc.Stream | None = None
+) -> UpstreamEndpoint:
+    """An endpoint (on ``stream``, else an in-memory one) whose h11 state went
+    through one GET and one response."""
+    pair = (stream, stream) if stream is not None else trio.testing.memory_stream_pair()
+    endpoint = endpoint_on(pair)
     conn = endpoint.conn
     conn.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
     conn.send(h11.EndOfMessage())
@@ -352,6 +356,27 @@ async def test_release_checks_h11_states_and_leftover_bytes() -> None:
     assert taken is not None
     assert taken.reused
     assert taken.endpoint.conn.our_state is h11.IDLE
+
+
+async def test_checkout_skips_every_closed_idle_connection() -> None:
+    """Checkout closes and drops each idle connection whose origin closed it,
+    newest first, and returns the newest live one."""
+    pool = UpstreamPool(max_idle=4)
+    pairs = [socket_stream_pair() for _ in range(3)]
+    for proxy_side, _ in pairs:
+        endpoint = done_endpoint([("Content-Length", "2")], stream=proxy_side)
+        await pool.release(PooledUpstream(endpoint, "h", 1))
+    await pairs[1][1].aclose()
+    await pairs[2][1].aclose()
+    taken = await pool.checkout("h", 1)
+    assert taken is not None
+    assert taken.endpoint.stream is pairs[0][0]
+    assert pool.idle_count == 0
+    for proxy_side, _ in pairs[1:]:
+        assert isinstance(proxy_side, trio.SocketStream)
+        assert proxy_side.socket.fileno() == -1  # closed by the pool
+    for stream in (pairs[0][0], pairs[0][1]):
+        await stream.aclose()
 
 
 def test_cli_pool_flags() -> None:

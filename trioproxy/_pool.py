@@ -165,18 +165,23 @@ class UpstreamPool:
         Idle connections to it that the upstream closed meanwhile
         (``looks_closed``) are closed and dropped on the way.
         """
-        for index in range(len(self._idle) - 1, -1, -1):
-            candidate = self._idle[index]
-            if candidate.host != host or candidate.port != port:
-                continue
-            del self._idle[index]
+        while (candidate := self._take_newest(host, port)) is not None:
             if looks_closed(candidate.endpoint.stream):
                 logger.debug("pooled upstream connection was closed by %s:%d", host, port)
                 await trio.aclose_forcefully(candidate.endpoint.stream)
-                continue
+                continue  # the deque may have changed meanwhile: search again
             candidate.reused = True
             candidate.bytes_before = candidate.endpoint.bytes_received
             return candidate
+        return None
+
+    def _take_newest(self, host: str, port: int) -> PooledUpstream | None:
+        """Remove and return the most recently returned idle connection to ``host:port``."""
+        for index in range(len(self._idle) - 1, -1, -1):
+            candidate = self._idle[index]
+            if candidate.host == host and candidate.port == port:
+                del self._idle[index]
+                return candidate
         return None
 
     async def release(self, upstream: PooledUpstream) -> None:
