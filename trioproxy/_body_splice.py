@@ -92,10 +92,13 @@ async def relay_response_body(
     gauge: BufferGauge,
     progress: Progress,
     budget: MemoryBudget | None = None,
+    first_chunk: bytes = b"",
 ) -> None:
     """Relay the response body upstream -> client, by splice where it can, then end it.
 
-    Call after the response head has been sent to the client.
+    Call after the response head has been sent to the client, with
+    ``first_chunk`` the body bytes already pulled from h11 and still counted
+    on ``gauge`` (``_relay.send_buffered``); they go out first.
 
     Memory: by splice, zero payload bytes in user space besides what h11
     had already read with the head (at most ``read_size``), and at most the
@@ -116,9 +119,13 @@ async def relay_response_body(
             gauge=gauge,
             progress=progress,
             budget=budget,
+            first_chunk=first_chunk,
         )
         return
-    remaining = length - await _forward_buffered_body(upstream, client)
+    if first_chunk:
+        await client.send(h11.Data(data=first_chunk))
+        gauge.remove(len(first_chunk))
+    remaining = length - len(first_chunk) - await _forward_buffered_body(upstream, client)
     if remaining:
         await _splice_body(upstream, client, remaining, pipe_size, progress)
     await client.send(h11.EndOfMessage())

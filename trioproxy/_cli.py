@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_arguments(parser)
     _add_memory_arguments(parser)
     _add_operations_arguments(parser)
+    _add_pool_arguments(parser)
     _add_logging_arguments(parser)
     parser.add_argument(
         "--workers",
@@ -150,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
         "limits such as --max-connections apply to each",
     )
     return parser
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reverse mode's pool of idle upstream keep-alive connections."""
+    parser.add_argument(
+        "--upstream-pool-size",
+        type=int,
+        default=_DEFAULTS.upstream_pool_size,
+        metavar="N",
+        help="reverse mode: idle upstream connections kept for reuse (0: a new one per request)",
+    )
+    parser.add_argument(
+        "--upstream-idle-timeout",
+        type=float,
+        default=_DEFAULTS.upstream_idle_timeout,
+        metavar="SECONDS",
+        help="reverse mode: time an idle upstream connection is kept (then closed)",
+    )
 
 
 def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,6 +322,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         auth=args.auth or os.environ.get(AUTH_ENVIRONMENT_VARIABLE) or None,
         max_header_fields=args.max_header_fields,
         max_target_length=args.max_target_length,
+        upstream_pool_size=args.upstream_pool_size,
+        upstream_idle_timeout=args.upstream_idle_timeout,
     )
 
 

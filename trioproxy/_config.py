@@ -266,6 +266,22 @@ class ProxyConfig:
             max_target_length=self.max_target_length,
         )
 
+    # --- Upstream keep-alive pool, reverse mode (issue 5) ---
+    # Idle upstream connections kept for reuse; 0 turns pooling off. Only
+    # idle ones count: connections in use are bounded by max_connections.
+    # 32 absorbs the concurrency one worker sustains (a Python worker is
+    # saturated by a few dozen concurrent small exchanges) while holding few
+    # slots on the origin, where an idle keep-alive connection can pin a
+    # worker (Apache prefork, gunicorn sync). It costs up to 32 descriptors.
+    upstream_pool_size: int = attrs.field(default=32, validator=_in_range(0, 100_000))
+    # Seconds an idle upstream connection is kept. Below the shortest common
+    # origin keep-alive timeout (Apache and Node.js 5 s; nginx 75 s) so that
+    # we, not the origin, close it: an origin closing a connection just as we
+    # reuse it costs a retry or a 502. 4 s still covers the gaps of a steady
+    # load. (gunicorn's 2 s is shorter; the check at checkout catches most of
+    # those closes, and the retry the rest for idempotent requests.)
+    upstream_idle_timeout: float = attrs.field(default=4.0, validator=_positive)
+
     @property
     def mode(self) -> str:
         """``"reverse"`` with a fixed upstream, else ``"forward"``."""

@@ -36,6 +36,8 @@ class H11Endpoint:
         self.stream = stream
         self.conn = conn
         self.read_size = read_size
+        # Bytes read from the stream so far; tells whether a peer sent anything.
+        self.bytes_received = 0
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """Return h11's next event, reading from the stream as h11 needs.
@@ -52,6 +54,17 @@ class H11Endpoint:
                 return event
             await self.receive_once()
 
+    def next_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """h11's next event from the bytes already received; never reads.
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise self._protocol_error(exc) from exc
+
     async def receive_once(self) -> None:
         """Read once from the stream and hand the bytes (or EOF) to h11.
 
@@ -66,6 +79,7 @@ class H11Endpoint:
         except _STREAM_ERRORS as exc:
             raise self._stream_error(exc) from exc
         self._received(data)
+        self.bytes_received += len(data)
         try:
             self.conn.receive_data(data)
         except h11.RemoteProtocolError as exc:
@@ -83,7 +97,14 @@ class H11Endpoint:
         Raises:
             ProxyError or ClientGone: as translated by the subclass.
         """
-        pieces = self._frame(event)
+        await self.send_framed(*self._frame(event))
+
+    async def send_framed(self, *pieces: bytes | bytearray) -> None:
+        """Write bytes h11 has framed (one or more events, in one or more pieces).
+
+        Raises:
+            ProxyError or ClientGone: as translated by the subclass.
+        """
         try:
             for piece in pieces:
                 if piece:

@@ -263,3 +263,15 @@ def upgrade_fields(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     if not protocols or b"upgrade" not in _connection_tokens(headers):
         return []
     return [(b"Connection", b"upgrade"), (b"Upgrade", b", ".join(protocols))]
+
+
+def request_has_body(request: h11.Request) -> bool:
+    """Whether a request carries a body: chunked, or a Content-Length above 0.
+
+    Without either it has none (RFC 9112 6.3), and h11's next event for it
+    is its ``EndOfMessage``, available without reading.
+    """
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False

@@ -332,6 +332,8 @@ async def relay_body(
     gauge: BufferGauge | None = None,
     budget: MemoryBudget | None = None,
     progress: Progress | None = None,
+    head: h11.Response | None = None,
+    first_chunk: bytes = b"",
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -339,22 +341,50 @@ async def relay_body(
     (Content-Length, chunked, or close-delimited as the sink's hop needs).
     Trailers are dropped, as hop-by-hop ``Trailer`` is.
 
+    ``head``, if given, is sent first. When ``source`` has already received
+    the whole body (a 1 KiB response usually comes in the read that brought
+    its head), head, body and end go out in one ``send_all`` and no pump,
+    nursery or task is started (``send_buffered``).
+
     Memory: the same bound as ``relay``, with ``source.read_size`` as the
     chunk size: a Data event larger than that (what one read returned plus
     the unparsed rest of the previous one) is handed on in pieces, the rest
     waiting in the reader's hand as it waited in h11's buffer before.
+    Before the pump starts, at most what h11 had already received is held.
 
     Raises:
         ProxyError or ClientGone: from either side, as its endpoint translates
         them. If the source fails, the sink's message is left unfinished, so
         the receiver can tell the body is incomplete.
+
+    Args:
+        source: the endpoint whose message body is read.
+        sink: the endpoint whose message body is written.
+        buffer_chunks: the pump's channel capacity N.
+        gauge: a shared counter of bytes held.
+        budget: the global memory budget each read reserves from, if any.
+        progress: updated as chunks move (see ``Progress``).
+        head: the message head to send before the body.
+        first_chunk: body bytes a caller's own ``send_buffered`` pulled and
+            left on ``gauge`` (without ``head``); relayed first.
     """
+    progress = progress if progress is not None else Progress()
+    gauge = gauge if gauge is not None else BufferGauge()
+    pending = first_chunk
+    if head is not None:
+        pending, ended = await send_buffered(source, sink, head, gauge=gauge, progress=progress)
+        if ended:
+            sent = progress.bytes_written
+            return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
 
     limit = source.read_size
     rest = b""
 
     async def read() -> bytes:
-        nonlocal rest
+        nonlocal rest, pending
+        if pending:  # pulled by send_buffered and on the gauge, which the pump re-adds
+            gauge.remove(len(pending))
+            rest, pending = pending, b""
         while True:
             if rest:
                 chunk, rest = rest[:limit], rest[limit:]
@@ -377,3 +407,63 @@ async def relay_body(
     statistics = await pump.run(read, write)
     await sink.send(h11.EndOfMessage())
     return statistics
+
+
+async def send_buffered(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    head: h11.Response | None,
+    *,
+    gauge: BufferGauge,
+    progress: Progress,
+) -> tuple[bytes, bool]:
+    """Send ``head``, and the whole body too if ``source`` already holds it.
+
+    Pulls h11 events without reading from the stream, so it holds at most
+    what h11 had received (one read's worth of body). When that includes the
+    ``EndOfMessage``, head, body and end go out in one write. Otherwise the
+    head goes alone, as before, and the body bytes pulled are returned for
+    the pump's first read, so the pump reads ahead from the start and the
+    backpressure bound is the pump's. ``progress`` runs during the write, so
+    a stall watchdog sees a receiver that takes nothing.
+
+    Returns:
+        The body bytes pulled but not sent (still counted on ``gauge``: pass
+        them to ``relay_body`` as ``first_chunk``), and True if the message
+        ended.
+    """
+    chunks: list[bytes] = []
+    ended = False
+    while not ended:
+        event = source.next_event_nowait()
+        if isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            ended = True
+        else:
+            break
+    body = b"".join(chunks)  # no copy for the usual single chunk
+    framed = bytearray(sink.conn.send(head) or b"") if head is not None else bytearray()
+    if ended:
+        if body:
+            framed += sink.conn.send(h11.Data(data=body)) or b""
+        framed += sink.conn.send(h11.EndOfMessage()) or b""
+    held = len(body)
+    gauge.add(held)
+    progress.running = True
+    progress.moved()
+    try:
+        if framed:
+            await sink.send_framed(framed)
+    except BaseException:
+        gauge.remove(held)
+        raise
+    finally:
+        progress.running = False
+    if not ended:
+        return body, False  # still on the gauge: the pump's first read takes it over
+    gauge.remove(held)
+    progress.bytes_read += held
+    progress.bytes_written += held
+    progress.moved()
+    return b"", True

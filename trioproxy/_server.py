@@ -7,13 +7,16 @@ Per client connection (``handle_connection``):
    smuggling and limits (400, 414, 431); then ``_policy`` decides: client
    address (403), credentials (407), CONNECT port (403), loops (508).
 2. The target comes from the absolute URI (forward mode) or the fixed
-   upstream (reverse mode); a new upstream connection is opened for the
-   exchange (connect timeout: 504; refused or unresolvable: 502).
+   upstream (reverse mode); the upstream connection is an idle one from the
+   pool (``_pool``, reverse mode) or a new one (connect timeout: 504; refused
+   or unresolvable: 502). After a clean exchange it goes back to the pool.
 3. In the exchange's nursery, the request body is pumped client -> upstream
    while this task waits for the response head (upstream timeout: 504, counted
    from the end of the request body, so slow uploads are not cut), forwards
    1xx responses, sends the head and pumps the response body upstream ->
-   client. Each pump is the bounded ``Pump`` of ``_relay``.
+   client. Each pump is the bounded ``Pump`` of ``_relay``. A request without
+   a body (most GETs) needs no nursery: its response is relayed by this task
+   (``_relay_response``), and a small one goes out in a single write.
 4. If both messages completed and both sides allow it, the next request is read
    from the same client connection (keep-alive).
 5. CONNECT (forward mode only) and an upstream's 101 to an Upgrade request
@@ -55,6 +58,7 @@ from ._http import (
     connect_target,
     error_response,
     forward_target,
+    request_has_body,
     reverse_target,
     upgrade_fields,
     upstream_request_headers,
@@ -63,7 +67,8 @@ from ._listen import open_reuse_port_listeners
 from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
 from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
-from ._relay import collapse_single_error, relay_body
+from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
+from ._relay import collapse_single_error, relay_body, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._timeouts import StallWatchdog, read_request_head, wait_for_request
@@ -89,6 +94,7 @@ class _Context:
     client_host: str | None
     shutdown: Shutdown
     own_addresses: frozenset[tuple[str, int]]
+    pool: UpstreamPool
 
 
 async def handle_connection(
@@ -100,6 +106,7 @@ async def handle_connection(
     shutdown: Shutdown | None = None,
     client_address: str | None = None,
     listen_addresses: Collection[tuple[str, int]] = (),
+    pool: UpstreamPool | None = None,
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -124,6 +131,9 @@ async def handle_connection(
         listen_addresses: ``(host, port)`` of the listeners serving this
             connection, for loop detection; the stream's own local address
             and ``config.listen_host:listen_port`` (unless port 0) count too.
+        pool: idle upstream connections to reuse, shared across client
+            connections (see ``open_upstream_pool``); without one, each
+            exchange opens its own upstream connection and closes it.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
@@ -136,6 +146,7 @@ async def handle_connection(
         client_host=client_address if client_address is not None else _peer_host(stream),
         shutdown=shutdown if shutdown is not None else Shutdown(),
         own_addresses=_own_addresses(stream, config, listen_addresses),
+        pool=pool if pool is not None else UpstreamPool(max_idle=0),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(
@@ -243,7 +254,7 @@ async def _serve_connect(
     check_not_loop(target.host, target.port, fields, context.own_addresses)
     record.set_upstream(target.host, target.port)
     await receive_connect_end(client)
-    upstream_stream = await _connect(target, context)
+    upstream_stream = await _connect_stream(target, context)
     context.meters.upstream_connections += 1
     try:
         await tunnel_after_connect(client, upstream_stream, context.config, context.meters.tunnels)
@@ -255,30 +266,70 @@ async def _serve_connect(
 async def _exchange(
     client: ClientEndpoint, request: h11.Request, context: _Context, record: AccessRecord
 ) -> None:
-    """Forward one request and its response; see the module comment."""
+    """Forward one request and its response; see the module comment.
+
+    The upstream connection comes from the pool if one is idle; after a clean
+    exchange it goes back (the pool decides whether it can be reused), after a
+    failed one it is closed. A request without a body that fails on a reused
+    connection before any response byte came is sent once more on a new
+    connection if its method allows (see ``_pool``).
+    """
     fields = request.headers.raw_items()
     check_client(context.client_host, context.config.allow)
     check_credentials(fields, context.config.credentials)
     target = _target_for(request, context.config)
     check_not_loop(target.host, target.port, fields, context.own_addresses)
     record.set_upstream(target.host, target.port)
-    upstream_stream = await _connect(target, context)
-    context.meters.upstream_connections += 1
+    headers = upstream_request_headers(
+        request.headers.raw_items(),
+        target=target,
+        client_host=context.client_host,
+        reverse=context.config.upstream is not None,
+    )
+    headers += upgrade_fields(request.headers.raw_items())
+    upstream_request = h11.Request(method=request.method, target=target.path, headers=headers)
+    has_body = request_has_body(request)
+    if not has_body:
+        await client.next_event()  # its EndOfMessage, read now: nothing to pump
+    upstream = await context.pool.checkout(target.host, target.port)
+    if upstream is None:
+        upstream = await _connect(target, context)
+    context.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
     try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=context.config.max_head_size)
-        upstream = UpstreamEndpoint(upstream_stream, conn, read_size=context.config.read_size)
-        headers = upstream_request_headers(
-            request.headers.raw_items(),
-            target=target,
-            client_host=context.client_host,
-            reverse=context.config.upstream is not None,
-        )
-        headers += upgrade_fields(request.headers.raw_items())
-        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
-        await _relay_messages(client, upstream, request, context, record)
+        try:
+            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+        except BadGateway as error:
+            if not may_retry(upstream, request, has_body=has_body):
+                raise
+            logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
+            await trio.aclose_forcefully(upstream.endpoint.stream)
+            upstream = await _connect(target, context)
+            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+    except BaseException:
+        await trio.aclose_forcefully(upstream.endpoint.stream)
+        raise
     finally:
         context.meters.upstream_connections -= 1
-        await trio.aclose_forcefully(upstream_stream)
+    await context.pool.release(upstream)
+
+
+async def _forward(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    upstream_request: h11.Request,
+    request: h11.Request,
+    context: _Context,
+    record: AccessRecord,
+) -> None:
+    """Send ``upstream_request`` (the client's ``request`` as it goes upstream)
+    and, when it has no body, its end; then relay."""
+    has_body = request_has_body(request)
+    await upstream.send(upstream_request)
+    if has_body:
+        await _relay_messages(client, upstream, request, context, record)
+    else:
+        await upstream.send(h11.EndOfMessage())
+        await _relay_response(client, upstream, request, context, record)
 
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
@@ -287,8 +338,17 @@ def _target_for(request: h11.Request, config: ProxyConfig) -> Target:
     return reverse_target(request.target, config.upstream)
 
 
-async def _connect(target: Target, context: _Context) -> trio.abc.Stream:
-    """Open the upstream connection within ``connect_timeout`` (else 504)."""
+async def _connect(target: Target, context: _Context) -> PooledUpstream:
+    """Open a new upstream connection within ``connect_timeout`` (else 504)."""
+    stream = await _connect_stream(target, context)
+    config = context.config
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=config.max_head_size)
+    endpoint = UpstreamEndpoint(stream, conn, read_size=config.read_size)
+    return PooledUpstream(endpoint, target.host, target.port)
+
+
+async def _connect_stream(target: Target, context: _Context) -> trio.abc.Stream:
+    """Open the upstream stream within ``connect_timeout`` (else 504)."""
     timeout = context.config.connect_timeout
     with trio.move_on_after(timeout):
         return await context.open_upstream(target.host, target.port)
@@ -350,28 +410,105 @@ async def _relay_messages(
                 nursery.cancel_scope.cancel()  # the stall watchdog ends with the exchange
                 return
             record.status = response.status_code
-            with watchdog.guard():
-                await client.send(
-                    h11.Response(
-                        status_code=response.status_code,
-                        headers=client_response_headers(response.headers.raw_items()),
-                        reason=response.reason,
-                    )
-                )
             context.meters.count_response(response.status_code)
-            await relay_response_body(  # by splice(2) when it can (_body_splice)
+            # The head goes with the body's first bytes; the response body's
+            # progress runs while it is written, so the watchdog guards it.
+            pending, ended = await send_buffered(
                 upstream,
                 client,
-                request,
-                response,
-                config=config,
+                _client_head(response),
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
-                budget=context.meters.budget,
+            )
+            if not ended:
+                await _relay_response_body(
+                    client, upstream, request, response, context, record, pending
+                )
+            nursery.cancel_scope.cancel()
+    if watchdog.stalled:
+        raise _stalled(config)
+
+
+async def _relay_response(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    context: _Context,
+    record: AccessRecord,
+) -> None:
+    """Relay the response to a request without a body (most GETs).
+
+    Nothing is uploaded alongside, so the usual small response needs no
+    nursery and no task: its head and the body that came with it go out in
+    one write (``send_buffered``) under a plain ``stall_timeout`` deadline,
+    which is the watchdog's rule when one write is all that moves. Only a
+    body that needs a pump gets the watchdog task, as in ``_relay_messages``.
+    """
+    config = context.config
+    head_deadline = trio.CancelScope(deadline=trio.current_time() + config.upstream_timeout)
+    response = await _receive_response_head(client, upstream, request, head_deadline)
+    record.status = response.status_code
+    context.meters.count_response(response.status_code)
+    if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
+        await tunnel_after_upgrade(client, upstream, response, config, context.meters.tunnels)
+        return
+    gauge = context.meters.response_bodies
+    progress = record.response_body
+    with trio.move_on_after(config.stall_timeout) as head_write:
+        pending, ended = await send_buffered(
+            upstream, client, _client_head(response), gauge=gauge, progress=progress
+        )
+    if head_write.cancelled_caught:
+        raise _stalled(config)
+    if ended:
+        return
+    watchdog = StallWatchdog([progress], config.stall_timeout)
+    with collapse_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.watch, nursery.cancel_scope)
+            await _relay_response_body(
+                client, upstream, request, response, context, record, pending
             )
             nursery.cancel_scope.cancel()
     if watchdog.stalled:
-        raise GatewayTimeout(f"no byte moved for {config.stall_timeout:g} s")
+        raise _stalled(config)
+
+
+async def _relay_response_body(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    response: h11.Response,
+    context: _Context,
+    record: AccessRecord,
+    pending: bytes,
+) -> None:
+    """The rest of a response body after its head (and ``pending``, the body
+    bytes ``send_buffered`` pulled), by splice(2) when it can (_body_splice)."""
+    await relay_response_body(
+        upstream,
+        client,
+        request,
+        response,
+        config=context.config,
+        gauge=context.meters.response_bodies,
+        progress=record.response_body,
+        budget=context.meters.budget,
+        first_chunk=pending,
+    )
+
+
+def _client_head(response: h11.Response) -> h11.Response:
+    """The upstream's response head as it goes to the client."""
+    return h11.Response(
+        status_code=response.status_code,
+        headers=client_response_headers(response.headers.raw_items()),
+        reason=response.reason,
+    )
+
+
+def _stalled(config: ProxyConfig) -> GatewayTimeout:
+    return GatewayTimeout(f"no byte moved for {config.stall_timeout:g} s")
 
 
 async def _receive_response_head(
@@ -480,18 +617,23 @@ async def serve(
     open_listeners = open_reuse_port_listeners if config.reuse_port else trio.open_tcp_listeners
     listeners = await open_listeners(config.listen_port, host=config.listen_host)
     listen_addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+    pool_size = config.upstream_pool_size if config.upstream is not None else 0
+    async with (
+        open_upstream_pool(max_idle=pool_size, idle_timeout=config.upstream_idle_timeout) as pool,
+        trio.open_nursery() as nursery,
+    ):
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(
-            stream,
-            config,
-            open_upstream=open_upstream,
-            meters=shared_meters,
-            shutdown=shutdown,
-            listen_addresses=listen_addresses,
-        )
+        async def handler(stream: trio.SocketStream) -> None:
+            await handle_connection(
+                stream,
+                config,
+                open_upstream=open_upstream,
+                meters=shared_meters,
+                shutdown=shutdown,
+                listen_addresses=listen_addresses,
+                pool=pool,
+            )
 
-    async with trio.open_nursery() as nursery:
         # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
         if config.metrics_listen is not None:
             await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)

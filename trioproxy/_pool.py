@@ -1,0 +1,247 @@
+"""Idle upstream keep-alive connections, kept for the next request.
+
+Opening a TCP connection per request costs a handshake, a socket and, on the
+origin, a TIME_WAIT entry; a reverse proxy under keep-alive load spends more
+time connecting than relaying. So an upstream connection whose exchange ended
+cleanly goes back to a pool, and the next request to the same host and port
+takes it instead of connecting.
+
+When a connection may be reused, and only then:
+
+* h11 says both messages ended: ``our_state`` and ``their_state`` are both
+  ``DONE`` (then ``start_next_cycle``). That excludes a response that was
+  not read to its end, an upload left unfinished, a failed or cancelled
+  write (``ERROR``), an upstream that asked to close (``Connection: close``
+  or an HTTP/1.0 response: ``MUST_CLOSE``) and a switched protocol (a 101
+  makes both sides ``SWITCHED_PROTOCOL``; CONNECT tunnels never come here).
+  A rejected Upgrade (the upstream answered 200 rather than 101) leaves a
+  plain HTTP/1.1 connection, and h11 lets it cycle.
+* Nothing was received past the response: bytes the upstream sent
+  unasked are junk or the start of an error; the connection is discarded.
+* The exchange ended without an exception; the server closes the
+  connection of a failed exchange itself, whatever h11 says.
+* At checkout, the socket is not readable: an idle connection that is
+  readable has EOF (the origin closed it), a reset, or junk. The check is
+  one ``poll(2)`` with a zero timeout. It applies to ``trio.SocketStream``;
+  other streams (in-memory, TLS) cannot be checked without reading and are
+  taken as alive.
+
+The check and the request cannot be atomic: an origin may close an idle
+connection just after we looked. Such a request fails before a byte of the
+response came; the server retries it once on a new connection when that is
+safe (a reused connection, an idempotent method without a body, see
+``may_retry``), as nginx's ``proxy_next_upstream error`` does. The idle
+timeout, shorter than the origins' keep-alive timeouts, keeps that race rare.
+
+Idle connections are closed after ``idle_timeout`` seconds by a reaper task
+(``open_upstream_pool``), so nothing is held against the origin during a
+lull; checkout takes the most recently returned connection (the least likely
+to have been closed by the origin, and it lets the older ones expire when the
+load drops).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import h11
+import trio
+
+from ._h11_io import UpstreamEndpoint
+
+logger = logging.getLogger("trioproxy")
+
+# Methods whose request may be sent twice without changing the outcome and
+# that we retry on a new connection when a reused one was closed in a race
+# (RFC 9110 9.2.2 idempotent methods, minus PUT and DELETE, which carry or
+# imply state changes we would rather not repeat without a body check).
+RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+# The most time closing the idle connections may take when the pool closes.
+# ``aclose_forcefully`` never waits for a peer, so this only bounds a stream
+# type whose close misbehaves; 1 s is far above what closing sockets takes.
+CLOSE_ALL_SECONDS = 1.0
+
+
+@attrs.define(eq=False)
+class PooledUpstream:
+    """An upstream connection and where it came from.
+
+    Attributes:
+        endpoint: the stream and its h11 client state.
+        host: the host it is connected to.
+        port: the port it is connected to.
+        reused: True when it came out of the pool rather than a new connect.
+        bytes_before: ``endpoint.bytes_received`` when it was handed out, so
+            that ``may_retry`` can tell whether the current response sent any.
+        idle_since: ``trio.current_time()`` when it went back to the pool.
+    """
+
+    endpoint: UpstreamEndpoint
+    host: str
+    port: int
+    reused: bool = False
+    bytes_before: int = 0
+    idle_since: float = 0.0
+
+
+def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool) -> bool:
+    """Whether a request that failed on ``upstream`` may be sent again on a new one.
+
+    Only when the connection was reused (a new one failing will fail again),
+    the method is idempotent and safe to repeat, the request has no body (it
+    was read from the client once and is gone), and not a byte of the
+    response arrived (nothing was passed to the client).
+    """
+    return (
+        upstream.reused
+        and not has_body
+        and request.method in RETRY_SAFE_METHODS
+        and upstream.endpoint.bytes_received == upstream.bytes_before
+    )
+
+
+def is_reusable(endpoint: UpstreamEndpoint) -> bool:
+    """True when both messages ended, the upstream allows another, and
+    nothing was received past the response."""
+    conn = endpoint.conn
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        return False
+    data, closed = conn.trailing_data
+    return not data and not closed
+
+
+def looks_closed(stream: trio.abc.Stream) -> bool:
+    """True when an idle socket is readable: EOF, a reset, or junk is waiting.
+
+    Streams other than ``trio.SocketStream`` cannot be checked without
+    reading from them, and are reported open.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to upstreams, most recent last.
+
+    Use ``open_upstream_pool`` to get one whose idle connections expire;
+    ``UpstreamPool(max_idle=0)`` pools nothing (each connection is closed
+    when released).
+
+    Memory: at most ``max_idle`` idle connections, each one socket and one
+    ``h11.Connection`` whose receive buffer is empty (``is_reusable``
+    requires it), so a few KiB of Python objects and one file descriptor
+    each, plus the kernel's socket buffers.
+
+    Args:
+        max_idle: the most idle connections kept; when a returned connection
+            would exceed it, the oldest idle one is closed.
+        idle_timeout: seconds an idle connection is kept (by the reaper).
+    """
+
+    def __init__(self, *, max_idle: int, idle_timeout: float = 4.0) -> None:
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: deque[PooledUpstream] = deque()
+        self._returned = trio.Event()
+        self._closed = False
+
+    @property
+    def idle_count(self) -> int:
+        """How many idle connections the pool holds now."""
+        return len(self._idle)
+
+    async def checkout(self, host: str, port: int) -> PooledUpstream | None:
+        """Take the most recently returned live connection to ``host:port``.
+
+        Idle connections to it that the upstream closed meanwhile
+        (``looks_closed``) are closed and dropped on the way.
+        """
+        while (candidate := self._take_newest(host, port)) is not None:
+            if looks_closed(candidate.endpoint.stream):
+                logger.debug("pooled upstream connection was closed by %s:%d", host, port)
+                await trio.aclose_forcefully(candidate.endpoint.stream)
+                continue  # the deque may have changed meanwhile: search again
+            candidate.reused = True
+            candidate.bytes_before = candidate.endpoint.bytes_received
+            return candidate
+        return None
+
+    def _take_newest(self, host: str, port: int) -> PooledUpstream | None:
+        """Remove and return the most recently returned idle connection to ``host:port``."""
+        for index in range(len(self._idle) - 1, -1, -1):
+            candidate = self._idle[index]
+            if candidate.host == host and candidate.port == port:
+                del self._idle[index]
+                return candidate
+        return None
+
+    async def release(self, upstream: PooledUpstream) -> None:
+        """Keep ``upstream`` for the next request if ``is_reusable``, else close it.
+
+        Call only after an exchange that ended without an exception.
+        """
+        if self._closed or self.max_idle == 0 or not is_reusable(upstream.endpoint):
+            await trio.aclose_forcefully(upstream.endpoint.stream)
+            return
+        upstream.endpoint.conn.start_next_cycle()
+        upstream.idle_since = trio.current_time()
+        self._idle.append(upstream)
+        if len(self._idle) > self.max_idle:
+            await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+        self._returned.set()
+
+    async def close_expired_forever(self) -> None:
+        """Close each idle connection ``idle_timeout`` seconds after its return.
+
+        Runs until cancelled. The deque is ordered by return time, so the
+        first one is always the next to expire.
+        """
+        while True:
+            if not self._idle:
+                self._returned = trio.Event()
+                await self._returned.wait()
+                continue
+            expires = self._idle[0].idle_since + self.idle_timeout
+            if trio.current_time() < expires:
+                await trio.sleep_until(expires)
+                continue
+            await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+
+    async def aclose(self) -> None:
+        """Close every idle connection; from now on released ones are closed too.
+
+        Works when cancelled too: closing is shielded (``aclose_forcefully``
+        raises the outer cancellation after each close, which would otherwise
+        stop the loop at the first one).
+        """
+        self._closed = True
+        with trio.move_on_after(CLOSE_ALL_SECONDS, shield=True):
+            while self._idle:
+                await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+
+
+@asynccontextmanager
+async def open_upstream_pool(*, max_idle: int, idle_timeout: float) -> AsyncIterator[UpstreamPool]:
+    """A pool whose idle connections close after ``idle_timeout`` seconds.
+
+    Resource handling: the reaper runs in a nursery of its own while the
+    block runs; on exit, however it exits (cancellation included), every
+    idle connection is closed.
+    """
+    pool = UpstreamPool(max_idle=max_idle, idle_timeout=idle_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.close_expired_forever)
+            yield pool
+            nursery.cancel_scope.cancel()
+    finally:
+        await pool.aclose()
