@@ -39,8 +39,7 @@ the same from here without more bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import h11
 import trio
@@ -116,23 +115,11 @@ class StallWatchdog:
     def __init__(self, progress: Sequence[Progress], timeout: float) -> None:
         self._progress = progress
         self._timeout = timeout
-        self._guard = Progress()
         self.stalled = False
-
-    @contextmanager
-    def guard(self) -> Iterator[None]:
-        """Watch a write outside the pumps (a response head) as if a pump ran it."""
-        self._guard.running = True
-        self._guard.moved()
-        try:
-            yield
-        finally:
-            self._guard.running = False
-            self._guard.moved()
 
     async def watch(self, scope: trio.CancelScope) -> None:
         """Run until the stall deadline passes, then cancel ``scope``; else forever."""
-        watched = [*self._progress, self._guard]
+        watched = self._progress
         while True:
             now = trio.current_time()
             deadline = max(p.last_moved for p in watched) + self._timeout
