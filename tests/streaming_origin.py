@@ -50,9 +50,11 @@ def expected_sha256(size: int) -> str:
 
 @attrs.define
 class OriginLog:
-    """What the origin saw: request heads, and connections that broke."""
+    """What the origin saw: request heads, connections accepted, and
+    connections that broke."""
 
     requests: list[h11.Request] = attrs.Factory(list)
+    connections: int = 0
     broken: int = 0
     broken_event: trio.Event = attrs.Factory(trio.Event)
 
@@ -118,6 +120,7 @@ async def _respond(
 
 async def _serve_one(stream: trio.SocketStream, log: OriginLog) -> None:
     conn = h11.Connection(h11.SERVER)
+    log.connections += 1
     async with stream:
         try:
             while True:

@@ -25,10 +25,12 @@ import trio.testing
 import trustme
 
 import trioproxy
-from trioproxy._body_splice import content_length_body
+from trioproxy._body_splice import content_length_body, content_length_request_body
 from trioproxy._cli import build_parser, config_from_args
 from trioproxy._config import KiB, MiB
+from trioproxy._h11_io import UpstreamEndpoint
 from trioproxy._metrics import ProxyMeters
+from trioproxy._pool import is_reusable
 from trioproxy._relay import Progress
 from trioproxy._splice import (
     SPLICE_MIN_BODY,
@@ -455,3 +457,200 @@ async def test_tls_tunnel_through_connect_stays_byte_exact() -> None:
             assert await receive_exactly(tls, len(payload)) == payload
         nursery.cancel_scope.cancel()
     assert meters.tunnels.peak == 0
+
+
+# --- uploads: large Content-Length request bodies -----------------------------
+
+
+def request(headers: list[tuple[str, str]]) -> h11.Request:
+    return h11.Request(method="POST", target="/", headers=[("Host", "x"), *headers])
+
+
+def test_content_length_request_body_only_for_content_length_framed_requests() -> None:
+    """Only a request framed by one Content-Length, and not asking for an
+    Upgrade (a 101 needs h11 to have seen the whole request), has a length
+    to splice."""
+    assert content_length_request_body(request([("Content-Length", "5000000")])) == 5_000_000
+    assert content_length_request_body(request([("Transfer-Encoding", "chunked")])) is None
+    assert content_length_request_body(request([])) is None
+    upgrade = [("Content-Length", "5000000"), ("Connection", "upgrade"), ("Upgrade", "x")]
+    assert content_length_request_body(request(upgrade)) is None
+
+
+def test_pool_refuses_a_connection_whose_body_was_spliced() -> None:
+    """An upstream connection on which both messages ended (h11 DONE both
+    ways, as after a spliced upload: the passthrough counted the bytes) is
+    reusable, unless a body went by splice on it."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(conn.next_event(), h11.Response)
+    assert isinstance(conn.next_event(), h11.EndOfMessage)
+    endpoint = UpstreamEndpoint(trio.testing.memory_stream_pair()[0], conn, read_size=KiB)
+    assert is_reusable(endpoint)
+    endpoint.body_spliced = True
+    assert not is_reusable(endpoint)
+
+
+async def send_upload(
+    stream: trio.SocketStream, target: str, size: int, *, chunked: bool = False
+) -> h11.Connection:
+    """Send a POST of the test payload (Content-Length, or chunked); return the
+    client's h11 connection, ready to read the response."""
+    conn = h11.Connection(h11.CLIENT)
+    framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))
+    head = h11.Request(method="POST", target=target, headers=[("Host", "origin"), framing])
+    await stream.send_all(conn.send(head) or b"")
+    for chunk in payload_chunks(size):
+        await stream.send_all(conn.send(h11.Data(data=bytes(chunk))) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    return conn
+
+
+async def read_response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+    """Read one whole response with ``conn``; return its status and body."""
+    status, body = 0, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(64 * KiB))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, body
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+def upload_target(mode: str, setup: Setup) -> str:
+    if mode == "reverse":
+        return "/upload"
+    return f"http://127.0.0.1:{setup.origin_port}/upload"
+
+
+UPLOAD_ANSWER = f"{BODY_SIZE} {expected_sha256(BODY_SIZE)}".encode()
+
+
+@needs_splice
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("splice", [True, False])
+async def test_large_upload_is_byte_exact_and_spliced_uploads_close_the_client(
+    mode: str, splice: bool
+) -> None:
+    """A large Content-Length upload reaches the origin byte-exact on both
+    paths and in both modes. By splice no chunk goes through the request-body
+    pump and the response says Connection: close (the client's h11 never saw
+    the body), then the connection ends; by the channel relay every byte is
+    pumped and the connection serves the next request."""
+    async with running(mode, splice=splice) as setup:
+        with trio.fail_after(SAFETY_SECONDS):
+            stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+            async with stream:
+                conn = await send_upload(stream, upload_target(mode, setup), BODY_SIZE)
+                assert await read_response(stream, conn) == (200, UPLOAD_ANSWER)
+                await trio.testing.wait_all_tasks_blocked()
+                gauge = setup.meters.request_bodies
+                if splice:
+                    assert gauge.relayed == 0  # no chunk went through the pump
+                    assert conn.their_state is h11.MUST_CLOSE  # Connection: close
+                    assert await stream.receive_some(100) == b""
+                else:
+                    assert gauge.relayed == BODY_SIZE
+                    assert conn.their_state is h11.DONE
+                    conn.start_next_cycle()
+                    await stream.send_all(
+                        conn.send(
+                            h11.Request(
+                                method="GET",
+                                target=upload_target(mode, setup),
+                                headers=[("Host", "origin")],
+                            )
+                        )
+                        or b""
+                    )
+                    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+                    assert await read_response(stream, conn) == (
+                        200,
+                        f"0 {hashlib.sha256().hexdigest()}".encode(),
+                    )
+        assert setup.log.broken == 0
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_upstream_connection_of_a_spliced_upload_is_not_pooled(splice: bool) -> None:
+    """After a spliced upload the next request (on a new client connection)
+    gets a new upstream connection; after a pumped one it reuses the pooled
+    connection."""
+    async with running("reverse", splice=splice) as setup:
+        with trio.fail_after(SAFETY_SECONDS):
+            for _ in range(2):
+                stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+                async with stream:
+                    conn = await send_upload(stream, "/upload", BODY_SIZE)
+                    assert await read_response(stream, conn) == (200, UPLOAD_ANSWER)
+                    await trio.testing.wait_all_tasks_blocked()  # the pool got it back
+        assert setup.log.connections == (2 if splice else 1)
+        assert setup.log.broken == 0
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_client_leaving_mid_upload_closes_the_upstream(splice: bool) -> None:
+    """A client that closes after 2 of 24 declared MiB: the exchange ends and
+    the origin's connection closes with the request body cut short (the
+    origin's h11 reports it), on both paths."""
+    async with running("reverse", splice=splice) as setup:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with stream:
+            head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {BODY_SIZE}\r\n\r\n"
+            await stream.send_all(head.encode())
+            for chunk in payload_chunks(2 * MiB):
+                await stream.send_all(chunk)
+        with trio.fail_after(1):
+            await setup.log.broken_event.wait()
+        relayed = setup.meters.request_bodies.relayed
+        assert (relayed == 0) if splice else (relayed > 0)
+
+
+@needs_splice
+async def test_chunked_upload_takes_the_channel_relay_and_keeps_the_connection() -> None:
+    """A chunked upload, however large, is pumped (no length to splice) and
+    the client connection stays keep-alive, with splice on."""
+    size = 4 * MiB
+    async with running("reverse", splice=True) as setup:
+        with trio.fail_after(SAFETY_SECONDS):
+            stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+            async with stream:
+                conn = await send_upload(stream, "/upload", size, chunked=True)
+                answer = f"{size} {expected_sha256(size)}".encode()
+                assert await read_response(stream, conn) == (200, answer)
+                await trio.testing.wait_all_tasks_blocked()
+                assert setup.meters.request_bodies.relayed == size
+                assert conn.their_state is h11.DONE
+
+
+@needs_splice
+@pytest.mark.parametrize("splice", [True, False])
+async def test_upload_cut_short_by_a_half_close_is_answered_400(splice: bool) -> None:
+    """A client that half-closes after 2 of 24 declared MiB gets a 400 with
+    Connection: close on both paths (a short body is the client's fault), and
+    the origin sees its request cut short."""
+    async with running("reverse", splice=splice) as setup:
+        with trio.fail_after(SAFETY_SECONDS):
+            stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+            async with stream:
+                conn = h11.Connection(h11.CLIENT)
+                framing = [("Host", "x"), ("Content-Length", str(BODY_SIZE))]
+                head = h11.Request(method="POST", target="/upload", headers=framing)
+                await stream.send_all(conn.send(head) or b"")
+                for chunk in payload_chunks(2 * MiB):
+                    await stream.send_all(conn.send(h11.Data(data=bytes(chunk))) or b"")
+                await stream.send_eof()
+                status, _ = await read_response(stream, conn)
+                assert status == 400
+                assert conn.their_state is h11.MUST_CLOSE
+            await setup.log.broken_event.wait()

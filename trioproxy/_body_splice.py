@@ -1,4 +1,4 @@
-"""Response bodies by splice(2), with h11's framing kept exact on both sides.
+"""Message bodies by splice(2), with h11's framing kept exact on both sides.
 
 A large Content-Length response from a plain-socket upstream to a plain-socket
 client moves by ``_splice`` instead of the channel relay. Three things keep
@@ -33,10 +33,31 @@ Failures translate as the channel relay's do: a broken upstream is a
 before the declared length is a ``BadGateway`` with the client's message left
 unfinished (``send_failed``), so the client sees a short body, not a complete
 one.
+
+Request bodies (uploads) go the same way in the other direction
+(``relay_request_body``): h11's buffered body bytes first, then exactly the
+rest of the Content-Length spliced client -> upstream, framed on the upstream
+side by ``send_with_data_passthrough``, then ``EndOfMessage``. Two things
+differ:
+
+* The client side's h11 is the reader that never sees the bytes, so it stays
+  in ``SEND_BODY`` and the client connection cannot be reused. The server
+  decides to splice from the request head alone (``request_splice_pipe_size``)
+  and sends the response with ``Connection: close``; h11 lets a server
+  respond while the request body is still coming, and ends the connection
+  after that response.
+* The upstream side's h11 counted the spliced bytes, so after the response
+  it is ``DONE`` on both sides and would look reusable; ``body_spliced``
+  marks it and the pool refuses it.
+
+A client that closes before the declared length is a ``BadRequest`` (400),
+as h11 reports a short body on the channel relay; the upstream's message is
+left unfinished, so the origin sees its request cut short, never complete.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import attrs
@@ -45,8 +66,9 @@ import trio
 
 from ._budget import MemoryBudget
 from ._config import ProxyConfig
-from ._errors import BadGateway, ClientGone
-from ._h11_io import ClientEndpoint, UpstreamEndpoint
+from ._errors import BadGateway, BadRequest, ClientGone
+from ._h11_io import ClientEndpoint, H11Endpoint, UpstreamEndpoint
+from ._http import upgrade_fields
 from ._relay import BufferGauge, Progress, relay_body
 from ._splice import SinkBroken, SourceBroken, splice_pipe_size, splice_relay
 
@@ -64,8 +86,24 @@ def content_length_body(method: bytes, response: h11.Response) -> int | None:
     """
     if method == b"HEAD" or response.status_code in _NO_BODY_STATUSES:
         return None
-    lengths = [value for name, value in response.headers if name == b"content-length"]
-    if any(name == b"transfer-encoding" for name, _ in response.headers):
+    return _content_length(response.headers)
+
+
+def content_length_request_body(request: h11.Request) -> int | None:
+    """The body length of ``request`` if it is framed by Content-Length, else None.
+
+    None for chunked requests, requests without a body, and for an Upgrade
+    request: a 101 answer needs h11 to have seen the whole request
+    (``their_state`` DONE), which a spliced body never lets it see.
+    """
+    if upgrade_fields(request.headers.raw_items()):
+        return None
+    return _content_length(request.headers)
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    lengths = [value for name, value in headers if name == b"content-length"]
+    if any(name == b"transfer-encoding" for name, _ in headers):
         return None
     if len(lengths) != 1 or not lengths[0].isdigit():
         return None
@@ -131,73 +169,142 @@ async def relay_response_body(
     await client.send(h11.EndOfMessage())
 
 
-async def _forward_buffered_body(upstream: UpstreamEndpoint, client: ClientEndpoint) -> int:
-    """Send the client the body bytes h11 already holds; return how many.
+def request_splice_pipe_size(
+    client: ClientEndpoint, upstream: UpstreamEndpoint, request: h11.Request, config: ProxyConfig
+) -> int | None:
+    """The pipe size to splice ``request``'s body client -> upstream with, or
+    None for the channel relay (see ``splice_pipe_size``).
 
-    Never reads the upstream socket: only what h11 has buffered is turned
-    into events (a closed, empty buffer makes h11 report the short body, a
-    BadGateway).
+    Decided from the request head alone, before the body moves, so the server
+    can put ``Connection: close`` on the response of a spliced upload.
+    """
+    length = content_length_request_body(request)
+    if length is None:  # not "no end known" (a tunnel, for splice_pipe_size): no splice
+        return None
+    return splice_pipe_size(config, client.stream, upstream.stream, length)
+
+
+async def relay_request_body(
+    client: ClientEndpoint,
+    upstream: UpstreamEndpoint,
+    request: h11.Request,
+    *,
+    pipe_size: int | None,
+    config: ProxyConfig,
+    gauge: BufferGauge,
+    progress: Progress,
+    budget: MemoryBudget | None = None,
+) -> None:
+    """Relay the request body client -> upstream, by splice if ``pipe_size`` is
+    given (from ``request_splice_pipe_size``), then end it.
+
+    By splice, the client connection's h11 never sees the body, so it cannot
+    reach ``DONE``: the caller must close the client connection after this
+    exchange (and tell the client so with ``Connection: close``). The
+    upstream connection is marked ``body_spliced`` and never pooled.
+
+    Memory: by splice, zero payload bytes in user space besides what h11
+    had already read with the request head (at most ``read_size``), and at
+    most ``pipe_size`` in the kernel; otherwise the channel relay's bound,
+    ``(buffer_chunks + 2) * read_size``.
+
+    Raises:
+        BadGateway: the upstream broke (it stopped reading the body).
+        ClientGone: the client connection broke.
+        BadRequest: the client closed before the declared length, as h11
+            reports a short body on the channel relay (400, if still answerable).
+    """
+    length = content_length_request_body(request)
+    if length is None or pipe_size is None:
+        await relay_body(
+            client,
+            upstream,
+            buffer_chunks=config.buffer_chunks,
+            gauge=gauge,
+            progress=progress,
+            budget=budget,
+        )
+        return
+    remaining = length - await _forward_buffered_body(client, upstream)
+    if remaining:
+        await _splice_body(client, upstream, remaining, pipe_size, progress)
+    await upstream.send(h11.EndOfMessage())
+
+
+async def _forward_buffered_body(source: H11Endpoint, sink: H11Endpoint) -> int:
+    """Send ``sink`` the body bytes ``source``'s h11 already holds; return how many.
+
+    Never reads the source socket: only what h11 has buffered (at most one
+    ``read_size``) is turned into events (a closed, empty buffer makes h11
+    report the short body: a BadGateway from an upstream, a 400 from a client).
     """
     forwarded = 0
-    while upstream.has_unparsed_data:
-        event = await upstream.next_event()
+    while source.has_unparsed_data:
+        event = await source.next_event()
         if isinstance(event, h11.EndOfMessage):
             break
         assert isinstance(event, h11.Data), event
-        await client.send(h11.Data(data=event.data))
+        await sink.send(h11.Data(data=event.data))
         forwarded += len(event.data)
     return forwarded
 
 
 async def _splice_body(
-    upstream: UpstreamEndpoint,
-    client: ClientEndpoint,
+    source: H11Endpoint,
+    sink: H11Endpoint,
     size: int,
     pipe_size: int,
     progress: Progress,
 ) -> None:
-    """Splice exactly ``size`` body bytes, framed for the client by h11."""
+    """Splice exactly ``size`` body bytes, framed for the sink by its h11.
+
+    Marks both endpoints ``body_spliced``: each carried bytes one of its h11
+    sides never saw, so neither connection is reused.
+    """
+    source.body_spliced = sink.body_spliced = True
     spliced = SplicedBytes(size)
     # h11 types Data.data as bytes but documents any object with a len() for
     # send_with_data_passthrough; it returns that very object in the list.
     parts: list[object] = list(
-        client.conn.send_with_data_passthrough(h11.Data(data=cast(bytes, spliced))) or []
+        sink.conn.send_with_data_passthrough(h11.Data(data=cast(bytes, spliced))) or []
     )
     try:
         for part in parts:
             if part is spliced:
-                await _splice_exactly(upstream, client, size, pipe_size, progress)
+                await _splice_exactly(source, sink, size, pipe_size, progress)
             else:
-                await _send_framing(client, cast(bytes, part))
+                await sink.send_framed(cast(bytes, part))  # chunked framing only
     except BaseException:
-        client.conn.send_failed()  # the client's framing on the wire is unknown
+        sink.conn.send_failed()  # the sink's framing on the wire is unknown
         raise
 
 
-async def _send_framing(client: ClientEndpoint, data: bytes) -> None:
-    """Write h11's framing bytes around the spliced part (chunked framing only)."""
-    try:
-        await client.stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise ClientGone(f"client connection lost: {exc!r}") from exc
-
-
 async def _splice_exactly(
-    upstream: UpstreamEndpoint,
-    client: ClientEndpoint,
+    source: H11Endpoint,
+    sink: H11Endpoint,
     size: int,
     pipe_size: int,
     progress: Progress,
 ) -> None:
-    assert isinstance(upstream.stream, trio.SocketStream), upstream.stream
-    assert isinstance(client.stream, trio.SocketStream), client.stream
+    assert isinstance(source.stream, trio.SocketStream), source.stream
+    assert isinstance(sink.stream, trio.SocketStream), sink.stream
     try:
         moved = await splice_relay(
-            upstream.stream, client.stream, max_bytes=size, pipe_size=pipe_size, progress=progress
+            source.stream, sink.stream, max_bytes=size, pipe_size=pipe_size, progress=progress
         )
     except SourceBroken as exc:
-        raise BadGateway(f"upstream connection lost: {exc.__cause__!r}") from exc
+        raise _broken(source, exc) from exc
     except SinkBroken as exc:
-        raise ClientGone(f"client connection lost: {exc.__cause__!r}") from exc
+        raise _broken(sink, exc) from exc
     if moved < size:
-        raise BadGateway(f"upstream closed the body after {moved} of {size} spliced bytes")
+        message = f"closed the body after {moved} of {size} spliced bytes"
+        if isinstance(source, ClientEndpoint):
+            raise BadRequest(f"client {message}")
+        raise BadGateway(f"upstream {message}")
+
+
+def _broken(endpoint: H11Endpoint, exc: trio.BrokenResourceError) -> Exception:
+    """A broken side, translated as its endpoint translates stream errors."""
+    if isinstance(endpoint, ClientEndpoint):
+        return ClientGone(f"client connection lost: {exc.__cause__!r}")
+    return BadGateway(f"upstream connection lost: {exc.__cause__!r}")

@@ -38,6 +38,9 @@ class H11Endpoint:
         self.read_size = read_size
         # Bytes read from the stream so far; tells whether a peer sent anything.
         self.bytes_received = 0
+        # True once a body moved on this connection by splice (_body_splice),
+        # past this h11 connection's reader or writer: never reuse it.
+        self.body_spliced = False
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """Return h11's next event, reading from the stream as h11 needs.

@@ -16,6 +16,9 @@ When a connection may be reused, and only then:
   makes both sides ``SWITCHED_PROTOCOL``; CONNECT tunnels never come here).
   A rejected Upgrade (the upstream answered 200 rather than 101) leaves a
   plain HTTP/1.1 connection, and h11 lets it cycle.
+* No body went by splice on it (``body_spliced``): issue 5's rule. A
+  spliced upload leaves h11 ``DONE`` on both sides (the passthrough counted
+  the bytes), so the flag, not the state, is what refuses it.
 * Nothing was received past the response: bytes the upstream sent
   unasked are junk or the start of an error; the connection is discarded.
 * The exchange ended without an exception; the server closes the
@@ -107,8 +110,10 @@ def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool)
 
 
 def is_reusable(endpoint: UpstreamEndpoint) -> bool:
-    """True when both messages ended, the upstream allows another, and
-    nothing was received past the response."""
+    """True when both messages ended, the upstream allows another, no body
+    went by splice, and nothing was received past the response."""
+    if endpoint.body_spliced:
+        return False
     conn = endpoint.conn
     if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
         return False

@@ -48,7 +48,7 @@ import h11
 import trio
 
 from ._accesslog import AccessRecord, logged_exchange
-from ._body_splice import relay_response_body
+from ._body_splice import relay_request_body, relay_response_body, request_splice_pipe_size
 from ._config import ProxyConfig
 from ._errors import BadGateway, ClientGone, GatewayTimeout, MethodNotAllowed, ProxyError
 from ._h11_io import ClientEndpoint, UpstreamEndpoint
@@ -68,7 +68,7 @@ from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
 from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
 from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
-from ._relay import collapse_single_error, relay_body, send_buffered
+from ._relay import collapse_single_error, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._timeouts import StallWatchdog, read_request_head, wait_for_request
@@ -374,13 +374,18 @@ async def _relay_messages(
     head_deadline = trio.CancelScope()
     request_sent = trio.Event()
     watchdog = StallWatchdog([record.request_body, record.response_body], config.stall_timeout)
+    # A spliced upload bypasses the client's h11, which so never reaches DONE:
+    # the response says Connection: close, and the connection closes after it.
+    upload_pipe_size = request_splice_pipe_size(client, upstream, request, config)
 
     async def send_request_body() -> None:
         try:
-            await relay_body(
+            await relay_request_body(
                 client,
                 upstream,
-                buffer_chunks=config.buffer_chunks,
+                request,
+                pipe_size=upload_pipe_size,
+                config=config,
                 gauge=context.meters.request_bodies,
                 progress=record.request_body,
                 budget=context.meters.budget,
@@ -416,7 +421,7 @@ async def _relay_messages(
             pending, ended = await send_buffered(
                 upstream,
                 client,
-                _client_head(response),
+                _client_head(response, close=upload_pipe_size is not None),
                 gauge=context.meters.response_bodies,
                 progress=record.response_body,
             )
@@ -498,13 +503,13 @@ async def _relay_response_body(
     )
 
 
-def _client_head(response: h11.Response) -> h11.Response:
-    """The upstream's response head as it goes to the client."""
-    return h11.Response(
-        status_code=response.status_code,
-        headers=client_response_headers(response.headers.raw_items()),
-        reason=response.reason,
-    )
+def _client_head(response: h11.Response, *, close: bool = False) -> h11.Response:
+    """The upstream's response head as it goes to the client, with
+    ``Connection: close`` if ``close`` (h11 then ends the connection after it)."""
+    headers = client_response_headers(response.headers.raw_items())
+    if close:
+        headers.append((b"Connection", b"close"))
+    return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
 
 
 def _stalled(config: ProxyConfig) -> GatewayTimeout:
