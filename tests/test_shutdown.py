@@ -43,6 +43,25 @@ async def test_begin_cuts_idle_waits_now_and_later(autojump_clock: trio.abc.Cloc
     assert cut == [True, True]
 
 
+async def test_idle_wait_deadline_ends_the_wait_and_unregisters(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An idle wait with a deadline ends by itself exactly then (one scope for
+    both shutdown and timeout), and no longer counts as idle afterwards, even
+    when it ends by an exception."""
+    shutdown = Shutdown()
+    start = trio.current_time()
+    with shutdown.idle_wait(start + 7) as scope:
+        assert shutdown._idle_scopes == {scope}
+        await trio.sleep(1000)
+    assert scope.cancelled_caught
+    assert trio.current_time() - start == 7
+    assert shutdown._idle_scopes == set()
+    with pytest.raises(ZeroDivisionError), shutdown.idle_wait(start + 100):
+        raise ZeroDivisionError
+    assert shutdown._idle_scopes == set()
+
+
 async def test_drain_waits_for_inflight_then_cancels_at_timeout(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -66,7 +66,13 @@ from ._http import (
 from ._listen import open_reuse_port_listeners
 from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
-from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
+from ._policy import (
+    check_client,
+    check_connect_port,
+    check_credentials,
+    check_not_loop,
+    client_allowed,
+)
 from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
 from ._relay import collapse_single_error, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
@@ -95,6 +101,9 @@ class _Context:
     shutdown: Shutdown
     own_addresses: frozenset[tuple[str, int]]
     pool: UpstreamPool
+    # The allow-list verdict depends only on the client's address, so it is
+    # computed once per connection, not parsed again for every request.
+    client_allowed: bool
 
 
 async def handle_connection(
@@ -139,14 +148,16 @@ async def handle_connection(
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
     its traceback, and only this connection ends.
     """
+    client_host = client_address if client_address is not None else _peer_host(stream)
     context = _Context(
         config=config,
         open_upstream=open_upstream,
         meters=meters if meters is not None else ProxyMeters.for_config(config),
-        client_host=client_address if client_address is not None else _peer_host(stream),
+        client_host=client_host,
         shutdown=shutdown if shutdown is not None else Shutdown(),
         own_addresses=_own_addresses(stream, config, listen_addresses),
         pool=pool if pool is not None else UpstreamPool(max_idle=0),
+        client_allowed=client_host is None or client_allowed(client_host, config.allow),
     )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_size)
     client = ClientEndpoint(
@@ -247,7 +258,7 @@ async def _serve_connect(
     if context.config.upstream is not None:
         raise MethodNotAllowed("CONNECT is not available on a reverse proxy")
     fields = request.headers.raw_items()
-    check_client(context.client_host, context.config.allow)
+    _check_client(context)
     check_credentials(fields, context.config.credentials)
     target = connect_target(request.target)
     check_connect_port(target.port, context.config.connect_ports)
@@ -275,18 +286,18 @@ async def _exchange(
     connection if its method allows (see ``_pool``).
     """
     fields = request.headers.raw_items()
-    check_client(context.client_host, context.config.allow)
+    _check_client(context)
     check_credentials(fields, context.config.credentials)
     target = _target_for(request, context.config)
     check_not_loop(target.host, target.port, fields, context.own_addresses)
     record.set_upstream(target.host, target.port)
     headers = upstream_request_headers(
-        request.headers.raw_items(),
+        fields,
         target=target,
         client_host=context.client_host,
         reverse=context.config.upstream is not None,
     )
-    headers += upgrade_fields(request.headers.raw_items())
+    headers += upgrade_fields(fields)
     upstream_request = h11.Request(method=request.method, target=target.path, headers=headers)
     has_body = request_has_body(request)
     if not has_body:
@@ -330,6 +341,12 @@ async def _forward(
     else:
         await upstream.send(h11.EndOfMessage())
         await _relay_response(client, upstream, request, context, record)
+
+
+def _check_client(context: _Context) -> None:
+    """``check_client`` on the connection's cached verdict: raises Forbidden."""
+    if not context.client_allowed:
+        check_client(context.client_host, context.config.allow)
 
 
 def _target_for(request: h11.Request, config: ProxyConfig) -> Target:

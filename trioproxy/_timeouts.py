@@ -78,7 +78,7 @@ async def wait_for_request(
     else:
         deadline = None
         wait = config.idle_timeout
-    with shutdown.idle_wait(), trio.move_on_after(wait):
+    with shutdown.idle_wait(now + wait):  # one scope: shutdown and the wait's timeout
         await client.receive_once()
         return deadline if deadline is not None else trio.current_time() + config.header_timeout
     return None
