@@ -77,7 +77,7 @@ from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
 from ._relay import collapse_single_error, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
-from ._timeouts import StallWatchdog, read_request_head, wait_for_request
+from ._timeouts import StallWatchdog, read_request_head, run_watched, wait_for_request
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 logger = logging.getLogger("trioproxy")
@@ -484,15 +484,12 @@ async def _relay_response(
         raise _stalled(config)
     if ended:
         return
-    watchdog = StallWatchdog([progress], config.stall_timeout)
-    with collapse_single_error():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watchdog.watch, nursery.cancel_scope)
-            await _relay_response_body(
-                client, upstream, request, response, context, record, pending
-            )
-            nursery.cancel_scope.cancel()
-    if watchdog.stalled:
+    stalled = await run_watched(
+        [progress],
+        config.stall_timeout,
+        lambda: _relay_response_body(client, upstream, request, response, context, record, pending),
+    )
+    if stalled:
         raise _stalled(config)
 
 

@@ -24,7 +24,7 @@ from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import VIA_VALUE, client_response_headers, upgrade_fields
 from ._relay import BufferGauge
 from ._splice import splice_pipe_size
-from ._timeouts import StallWatchdog
+from ._timeouts import run_watched
 from ._tunnel import Tunnel, TunnelStatistics
 
 logger = logging.getLogger("trioproxy")
@@ -109,23 +109,22 @@ async def _tunnel(
         # Zero-copy where both are plain sockets on Linux (and not --no-splice).
         splice_pipe_size=splice_pipe_size(config, client_stream, upstream_stream, None),
     )
-    watchdog = StallWatchdog(relay.progress, config.stall_timeout)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchdog.watch, nursery.cancel_scope)
-        statistics = await relay.run(
+    stalled = await run_watched(
+        relay.progress,
+        config.stall_timeout,
+        lambda: relay.run(
             client_stream,
             upstream_stream,
             a_prefix=_trailing_bytes(client_conn),
             b_prefix=_trailing_bytes(upstream_conn),
-        )
-        nursery.cancel_scope.cancel()
-    if watchdog.stalled:
-        statistics = relay.statistics()
+        ),
+    )
+    statistics = relay.statistics()
     logger.debug(
         "tunnel ended: %d bytes up, %d bytes down%s",
         statistics.a_to_b.bytes_relayed,
         statistics.b_to_a.bytes_relayed,
-        " (idle)" if watchdog.stalled else f" ({statistics.error})" if statistics.error else "",
+        " (idle)" if stalled else f" ({statistics.error})" if statistics.error else "",
     )
     return statistics
 

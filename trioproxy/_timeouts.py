@@ -39,7 +39,7 @@ the same from here without more bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import h11
 import trio
@@ -47,7 +47,7 @@ import trio
 from ._config import ProxyConfig
 from ._errors import RequestTimeout
 from ._h11_io import ClientEndpoint
-from ._relay import Progress
+from ._relay import Progress, collapse_single_error
 from ._shutdown import Shutdown
 
 
@@ -131,3 +131,22 @@ class StallWatchdog:
             # the deadline has passed with none running, waiting one full
             # timeout cannot miss a deadline.
             await trio.sleep_until(deadline if deadline > now else now + self._timeout)
+
+
+async def run_watched(
+    progress: Sequence[Progress], stall_seconds: float, work: Callable[[], Awaitable[object]]
+) -> bool:
+    """Run ``work`` under a ``StallWatchdog``; True if it was cut for stalling.
+
+    Not a deadline for ``work``: it is cut only once nothing in ``progress``
+    has moved for ``stall_seconds`` while something runs. The watchdog task
+    and ``work`` share one nursery; ``work``'s own exception is raised as
+    itself (not in a group).
+    """
+    watchdog = StallWatchdog(progress, stall_seconds)
+    with collapse_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.watch, nursery.cancel_scope)
+            await work()
+            nursery.cancel_scope.cancel()
+    return watchdog.stalled
