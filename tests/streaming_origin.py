@@ -7,6 +7,9 @@ Paths (N and M in bytes):
   GET /die/N/M        declares Content-Length N, sends M < N bytes, closes
   GET /hang           reads the request, never answers
   POST|PUT /upload    reads the body; answers "LENGTH SHA256HEX"
+  POST /reject        answers 413 at once, without reading the body; then
+                      half-closes and drains what comes (a lingering close)
+  POST /reject-hold   answers 413 at once, then never reads (nor closes)
   anything else       "METHOD TARGET" and the request's fields, one per line
 
 The payload is a 1 MiB block of seeded random bytes, repeated, so serving a
@@ -79,6 +82,9 @@ async def _respond(
     stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, log: OriginLog
 ) -> bool:
     """Answer one request; return False when the connection must end."""
+    if request.target in (b"/reject", b"/reject-hold"):
+        await _reject_early(stream, conn, drain=request.target == b"/reject")
+        return False
     length, digest = await _read_body(stream, conn)
     parts = request.target.decode("ascii", "replace").strip("/").split("/")
     if parts[0] in ("bytes", "chunked", "close", "die"):
@@ -116,6 +122,27 @@ async def _respond(
     await stream.send_all(conn.send(h11.Data(data=body)) or b"")
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     return True
+
+
+REJECT_BODY = b"request body too large"
+
+
+async def _reject_early(stream: trio.SocketStream, conn: h11.Connection, *, drain: bool) -> None:
+    """Answer 413 before reading the body, as servers with a size limit do.
+
+    Then, with ``drain``, half-close and read to the end (closing with unread
+    bytes would send a reset, which may destroy the response before the peer
+    reads it); without, stop reading and wait, the connection left open.
+    """
+    headers = [("Content-Length", str(len(REJECT_BODY))), ("Connection", "close")]
+    await stream.send_all(conn.send(h11.Response(status_code=413, headers=headers)) or b"")
+    await stream.send_all(conn.send(h11.Data(data=REJECT_BODY)) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    if not drain:
+        await trio.sleep_forever()
+    await stream.send_eof()
+    while await stream.receive_some(65536):
+        pass
 
 
 async def _serve_one(stream: trio.SocketStream, log: OriginLog) -> None:

@@ -9,6 +9,7 @@ splice path holds none, so its peak stays 0.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -46,7 +47,13 @@ from trioproxy._splice import (
 )
 
 from .helpers import LOOPBACK_TEST_PORTS, pattern, start_proxy
-from .streaming_origin import OriginLog, expected_sha256, payload_chunks, serve_streaming_origin
+from .streaming_origin import (
+    REJECT_BODY,
+    OriginLog,
+    expected_sha256,
+    payload_chunks,
+    serve_streaming_origin,
+)
 
 needs_splice = pytest.mark.skipif(not splice_supported(), reason="splice(2) is Linux-only")
 
@@ -654,3 +661,45 @@ async def test_upload_cut_short_by_a_half_close_is_answered_400(splice: bool) ->
                 assert status == 400
                 assert conn.their_state is h11.MUST_CLOSE
             await setup.log.broken_event.wait()
+
+
+@needs_splice
+@pytest.mark.parametrize("target", ["/reject", "/reject-hold"])
+@pytest.mark.parametrize("splice", [True, False])
+async def test_upstream_answering_before_the_upload_ends_reaches_the_client(
+    target: str, splice: bool
+) -> None:
+    """An origin that answers 413 at once to a 24 MiB upload, then drains it
+    or stops reading: the client gets that 413 byte-exact on both paths (an
+    upload the upstream will not take is not turned into a 502 or a hang),
+    and then the client connection closes, since the rest of its upload was
+    abandoned."""
+    async with running("reverse", splice=splice) as setup:
+        with trio.fail_after(SAFETY_SECONDS):
+            stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+            async with stream:
+                conn = h11.Connection(h11.CLIENT)
+                framing = [("Host", "x"), ("Content-Length", str(BODY_SIZE))]
+                head = h11.Request(method="POST", target=target, headers=framing)
+                await stream.send_all(conn.send(head) or b"")
+
+                async def upload() -> None:
+                    # The proxy may close while we still send: that is the end
+                    # of the upload, not a failure of the test.
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        for chunk in payload_chunks(BODY_SIZE):
+                            await stream.send_all(conn.send(h11.Data(data=bytes(chunk))) or b"")
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(upload)
+                    assert await read_response(stream, conn) == (413, REJECT_BODY)
+                    await _read_until_closed(stream)  # within SAFETY_SECONDS
+                    nursery.cancel_scope.cancel()
+        assert len(setup.log.requests) == 1
+
+
+async def _read_until_closed(stream: trio.SocketStream) -> None:
+    """Read until the peer closes (EOF or reset)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while await stream.receive_some(64 * KiB):
+            pass
