@@ -301,21 +301,25 @@ async def _exchange(
     upstream_request = h11.Request(method=request.method, target=target.path, headers=headers)
     has_body = request_has_body(request)
     if not has_body:
-        await client.next_event()  # its EndOfMessage, read now: nothing to pump
+        client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
     upstream = await context.pool.checkout(target.host, target.port)
     if upstream is None:
         upstream = await _connect(target, context)
     context.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
     try:
         try:
-            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+            await _forward(
+                client, upstream.endpoint, upstream_request, request, context, record, has_body
+            )
         except BadGateway as error:
             if not may_retry(upstream, request, has_body=has_body):
                 raise
             logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
             await trio.aclose_forcefully(upstream.endpoint.stream)
             upstream = await _connect(target, context)
-            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+            await _forward(
+                client, upstream.endpoint, upstream_request, request, context, record, has_body
+            )
     except BaseException:
         await trio.aclose_forcefully(upstream.endpoint.stream)
         raise
@@ -331,10 +335,11 @@ async def _forward(
     request: h11.Request,
     context: _Context,
     record: AccessRecord,
+    has_body: bool,
 ) -> None:
     """Send ``upstream_request`` (the client's ``request`` as it goes upstream)
-    and, when it has no body, its end; then relay."""
-    has_body = request_has_body(request)
+    and, when it has no body (``has_body``, from ``request_has_body``), its
+    end; then relay."""
     await upstream.send(upstream_request)
     if has_body:
         await _relay_messages(client, upstream, request, context, record)
