@@ -136,10 +136,13 @@ class RequestHeadGuard:
                 self._partial += data[start:]
                 self._check_unfinished_line()
                 return
-            self._partial += data[start : end + 1]
+            if self._partial:
+                self._partial += data[start : end + 1]
+                line = bytes(self._partial)
+                self._partial.clear()
+            else:  # the usual case, a whole line in one chunk: no copy through _partial
+                line = data[start : end + 1]
             start = end + 1
-            line = bytes(self._partial)
-            self._partial.clear()
             self._seen += len(line)
             self._check_line(line)
             self._check_size(0)
@@ -226,14 +229,13 @@ def split_field_line(line: bytes) -> tuple[bytes, bytes]:
 
 
 def _remember(summary: _HeadSummary, name: bytes, value: bytes) -> None:
+    # Each list is checked to hold one value, so more than two never matter.
     if name == b"host":
         summary.hosts += 1
-    elif name == b"content-length":
+    elif name == b"content-length" and len(summary.content_lengths) < 2:
         summary.content_lengths.append(value)
-    elif name == b"transfer-encoding":
+    elif name == b"transfer-encoding" and len(summary.transfer_encodings) < 2:
         summary.transfer_encodings.append(value)
-    # Each list is checked to hold one value, so more than two never matter.
-    del summary.content_lengths[2:], summary.transfer_encodings[2:]
 
 
 def _check_framing(summary: _HeadSummary) -> None:

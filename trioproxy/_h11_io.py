@@ -168,10 +168,22 @@ class ClientEndpoint(H11Endpoint):
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         """As ``H11Endpoint.next_event``, with each request head checked first."""
+        self._before_event()
+        return self._after_event(await super().next_event())
+
+    def next_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """As ``H11Endpoint.next_event_nowait``, with each request head checked first."""
+        self._before_event()
+        return self._after_event(super().next_event_nowait())
+
+    def _before_event(self) -> None:
         if self.conn.their_state is h11.IDLE:
             self.request_method = None
         self._start_head_guard()
-        event = await super().next_event()
+
+    def _after_event(
+        self, event: h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]
+    ) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         if isinstance(event, h11.Request):
             self._head_guard = None
             self.request_method = event.method

@@ -163,13 +163,6 @@ def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def _append_field(headers: Headers, name: bytes, value: bytes) -> Headers:
-    """Append ``value`` to the list-valued field ``name``, as one field."""
-    existing = [v for n, v in headers if n.lower() == name.lower()]
-    rest = [(n, v) for n, v in headers if n.lower() != name.lower()]
-    return [*rest, (name, b", ".join([*existing, value]))]
-
-
 def upstream_request_headers(
     headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -182,21 +175,42 @@ def upstream_request_headers(
     Host is set from the target (in forward mode from the absolute URI, in
     reverse mode the upstream's authority, with the client's Host kept in
     X-Forwarded-Host). Via is added; in reverse mode so are X-Forwarded-For and
-    X-Forwarded-Proto.
+    X-Forwarded-Proto. Order: Host first, the client's end-to-end fields as
+    they came, then Transfer-Encoding, Via, X-Forwarded-For, -Proto, -Host.
     """
-    original_host = next((v for n, v in headers if n.lower() == b"host"), None)
-    result = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
-    result.insert(0, (b"Host", target.authority))
-    if any(n.lower() == b"transfer-encoding" for n, _ in headers):
-        # h11 frames a request body as chunked only when told to; without
-        # this, a chunked upload would be framed as Content-Length: 0 (h11
-        # only accepts "chunked" from the client, so that is all this can be).
+    # One pass over the fields rather than one per rule: this runs for every
+    # request (issue 5, CPU per request).
+    dropped = _connection_tokens(headers)
+    merge_forwarded_for = reverse and client_host is not None
+    result = [(b"Host", target.authority)]
+    original_host: bytes | None = None
+    chunked = False
+    via: list[bytes] = []
+    forwarded_for: list[bytes] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"host":
+            if original_host is None:
+                original_host = value
+        elif lowered in HOP_BY_HOP or lowered in dropped:
+            # h11 frames a request body as chunked only when told to; without
+            # this, a chunked upload would be framed as Content-Length: 0 (h11
+            # only accepts "chunked" from the client, so that is all this can be).
+            chunked = chunked or lowered == b"transfer-encoding"
+        elif lowered == b"via":
+            via.append(value)
+        elif merge_forwarded_for and lowered == b"x-forwarded-for":
+            forwarded_for.append(value)
+        elif not (reverse and lowered in _FORWARDED_SINGLE):
+            result.append((name, value))
+    if chunked:
         result.append((b"Transfer-Encoding", b"chunked"))
-    result = _append_field(result, b"Via", VIA_VALUE)
+    via.append(VIA_VALUE)
+    result.append((b"Via", b", ".join(via)))
     if reverse:
         if client_host is not None:
-            result = _append_field(result, b"X-Forwarded-For", client_host.encode("ascii"))
-        result = [(n, v) for n, v in result if n.lower() not in _FORWARDED_SINGLE]
+            forwarded_for.append(client_host.encode("ascii"))
+            result.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
         result.append((b"X-Forwarded-Proto", b"http"))
         if original_host is not None:
             result.append((b"X-Forwarded-Host", original_host))
@@ -208,8 +222,23 @@ _FORWARDED_SINGLE = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
 
 
 def client_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    """The fields of the upstream's response as sent to the client."""
-    return _append_field(end_to_end(headers), b"Via", VIA_VALUE)
+    """The fields of the upstream's response as sent to the client: the
+    end-to-end ones in their order, then Via with our element appended."""
+    # One pass, as in upstream_request_headers: this runs for every response.
+    dropped = _connection_tokens(headers)
+    result: Headers = []
+    via: list[bytes] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in dropped:
+            continue
+        if lowered == b"via":
+            via.append(value)
+        else:
+            result.append((name, value))
+    via.append(VIA_VALUE)
+    result.append((b"Via", b", ".join(via)))
+    return result
 
 
 def error_response(error: ProxyError) -> tuple[h11.Response, bytes]:

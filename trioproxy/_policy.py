@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -84,6 +85,15 @@ def parse_networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+# The loop check parses the target host and each listening address for every
+# request; ``ipaddress`` takes microseconds per parse, and the same few
+# strings come back again and again (in reverse mode always the same). Memory:
+# at most this many entries, each a host string (<= 253 bytes, see _http) and
+# an address object: well under 1 MiB.
+_PARSED_IP_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=_PARSED_IP_CACHE_SIZE)
 def parse_ip(text: str) -> IPAddress | None:
     """An IP address without zone (``fe80::1%eth0``), IPv4-mapped ones unwrapped."""
     try:

@@ -301,21 +301,25 @@ async def _exchange(
     upstream_request = h11.Request(method=request.method, target=target.path, headers=headers)
     has_body = request_has_body(request)
     if not has_body:
-        await client.next_event()  # its EndOfMessage, read now: nothing to pump
+        client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
     upstream = await context.pool.checkout(target.host, target.port)
     if upstream is None:
         upstream = await _connect(target, context)
     context.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
     try:
         try:
-            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+            await _forward(
+                client, upstream.endpoint, upstream_request, request, context, record, has_body
+            )
         except BadGateway as error:
             if not may_retry(upstream, request, has_body=has_body):
                 raise
             logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
             await trio.aclose_forcefully(upstream.endpoint.stream)
             upstream = await _connect(target, context)
-            await _forward(client, upstream.endpoint, upstream_request, request, context, record)
+            await _forward(
+                client, upstream.endpoint, upstream_request, request, context, record, has_body
+            )
     except BaseException:
         await trio.aclose_forcefully(upstream.endpoint.stream)
         raise
@@ -331,10 +335,11 @@ async def _forward(
     request: h11.Request,
     context: _Context,
     record: AccessRecord,
+    has_body: bool,
 ) -> None:
     """Send ``upstream_request`` (the client's ``request`` as it goes upstream)
-    and, when it has no body, its end; then relay."""
-    has_body = request_has_body(request)
+    and, when it has no body (``has_body``, from ``request_has_body``), its
+    end; then relay."""
     await upstream.send(upstream_request)
     if has_body:
         await _relay_messages(client, upstream, request, context, record)
@@ -467,21 +472,28 @@ async def _relay_response(
     body that needs a pump gets the watchdog task, as in ``_relay_messages``.
     """
     config = context.config
-    head_deadline = trio.CancelScope(deadline=trio.current_time() + config.upstream_timeout)
-    response = await _receive_response_head(client, upstream, request, head_deadline)
-    record.status = response.status_code
-    context.meters.count_response(response.status_code)
+    gauge = context.meters.response_bodies
+    progress = record.response_body
+    response: h11.Response | h11.InformationalResponse | None = None
+    # One cancel scope for two deadlines in turn, the response head's and then
+    # the write's: a scope costs more than a short exchange's parsing, and this
+    # runs once per request (issue 5, CPU per request).
+    with trio.CancelScope(deadline=trio.current_time() + config.upstream_timeout) as deadline:
+        response = await _response_head(client, upstream, request)
+        record.status = response.status_code
+        context.meters.count_response(response.status_code)
+        if isinstance(response, h11.Response):
+            deadline.deadline = trio.current_time() + config.stall_timeout
+            pending, ended = await send_buffered(
+                upstream, client, _client_head(response), gauge=gauge, progress=progress
+            )
+    if response is None:  # the head's deadline passed
+        raise _no_response_head()
+    if deadline.cancelled_caught:  # the write's
+        raise _stalled(config)
     if isinstance(response, h11.InformationalResponse):  # 101: a tunnel from here on
         await tunnel_after_upgrade(client, upstream, response, config, context.meters.tunnels)
         return
-    gauge = context.meters.response_bodies
-    progress = record.response_body
-    with trio.move_on_after(config.stall_timeout) as head_write:
-        pending, ended = await send_buffered(
-            upstream, client, _client_head(response), gauge=gauge, progress=progress
-        )
-    if head_write.cancelled_caught:
-        raise _stalled(config)
     if ended:
         return
     stalled = await run_watched(
@@ -546,26 +558,37 @@ async def _receive_response_head(
         BadGateway: when the upstream closes or answers nonsense.
     """
     with deadline:
-        while True:
-            event = await upstream.next_event()
-            if isinstance(event, h11.Response):
-                return event
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    if upgrade_fields(request.headers.raw_items()):
-                        return event
-                    raise BadGateway("upstream switched protocols, which was not asked for")
-                if request.http_version == b"1.1":
-                    await client.send(
-                        h11.InformationalResponse(
-                            status_code=event.status_code,
-                            headers=client_response_headers(event.headers.raw_items()),
-                            reason=event.reason,
-                        )
+        return await _response_head(client, upstream, request)
+    raise _no_response_head()
+
+
+async def _response_head(
+    client: ClientEndpoint, upstream: UpstreamEndpoint, request: h11.Request
+) -> h11.Response | h11.InformationalResponse:
+    """``_receive_response_head`` without its deadline, which the caller sets."""
+    while True:
+        event = await upstream.next_event()
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                if upgrade_fields(request.headers.raw_items()):
+                    return event
+                raise BadGateway("upstream switched protocols, which was not asked for")
+            if request.http_version == b"1.1":
+                await client.send(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=client_response_headers(event.headers.raw_items()),
+                        reason=event.reason,
                     )
-                continue
-            raise BadGateway(f"upstream sent {type(event).__name__} instead of a response")
-    raise GatewayTimeout("the upstream did not send a response head in time")
+                )
+            continue
+        raise BadGateway(f"upstream sent {type(event).__name__} instead of a response")
+
+
+def _no_response_head() -> GatewayTimeout:
+    return GatewayTimeout("the upstream did not send a response head in time")
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
