@@ -108,6 +108,30 @@ class Progress:
         self.last_moved = trio.current_time()
 
 
+@attrs.define
+class PendingBody:
+    """Body bytes pulled ahead of a pump (``send_buffered``), handed over once.
+
+    A plain ``bytes`` passed down a chain of calls stays alive in every
+    caller's frame until the whole body has been relayed: 64 KiB pinned per
+    download, outside the budget. The pump's writer ``take``s the bytes out
+    of this holder instead, so they die as soon as the sink has them.
+
+    Memory: holds at most what h11 had received with the message head, one
+    ``read_size``; nothing once taken.
+    """
+
+    data: bytes = b""
+
+    def take(self) -> bytes:
+        """The bytes, leaving the holder empty."""
+        data, self.data = self.data, b""
+        return data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 class Pump:
     """One bounded transfer from a read callable to a write callable.
 
@@ -161,22 +185,32 @@ class Pump:
             buffer_capacity=self._capacity,
         )
 
-    async def run(self, read: ReadChunk, write: WriteChunk) -> RelayStatistics:
+    async def run(
+        self, read: ReadChunk, write: WriteChunk, first_chunk: PendingBody | None = None
+    ) -> RelayStatistics:
         """Move chunks from ``read`` (``b""`` means EOF) to ``write`` until EOF.
+
+        ``first_chunk``, bytes already read and counted on ``gauge`` but not
+        on the budget, is written first, by the writer, while the reader
+        already reserves and reads: it never waits behind the budget, and it
+        is freed once written (``PendingBody``).
 
         Error handling: the first exception of either side cancels the other
         and is raised as itself (not wrapped in an ExceptionGroup).
         """
         account = self._budget.open_account() if self._budget is not None else None
+        first = first_chunk if first_chunk is not None else PendingBody()
+        self._gauged += len(first)  # already on gauge.held; this pump owns it now
         self.progress.running = True
         self.progress.moved()
         try:
             with collapse_single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_side, read, account)
-                    nursery.start_soon(self._write_side, write, account)
+                    nursery.start_soon(self._write_side, write, account, first)
         finally:
             # Chunks left in the channel or in a task's hand are gone now.
+            first.take()
             self.gauge.remove(self._gauged)
             self._gauged = 0
             if account is not None:
@@ -186,15 +220,28 @@ class Pump:
 
     async def _read_side(self, read: ReadChunk, account: BudgetAccount | None) -> None:
         with self._send_channel:
-            while chunk := await self._read_counted(read, account):
-                try:
-                    self._send_channel.send_nowait(chunk)
-                except trio.WouldBlock:
-                    await self._wait_for_sink(chunk)
-                except trio.BrokenResourceError:
-                    return  # the writer failed and closed its end; its error says why
+            while await self._read_one(read, account):
+                pass
 
-    async def _wait_for_sink(self, chunk: bytes) -> None:
+    async def _read_one(self, read: ReadChunk, account: BudgetAccount | None) -> bool:
+        """Read one chunk and hand it to the channel; False at EOF or a failed writer.
+
+        A function of its own so that the chunk dies with its frame: a loop
+        variable would keep the last chunk alive while the next read waits for
+        the budget, long after the writer wrote it and gave its bytes back.
+        """
+        chunk = await self._read_counted(read, account)
+        if not chunk:
+            return False
+        try:
+            self._send_channel.send_nowait(chunk)
+        except trio.WouldBlock:
+            return await self._wait_for_sink(chunk)
+        except trio.BrokenResourceError:
+            return False  # the writer failed and closed its end; its error says why
+        return True
+
+    async def _wait_for_sink(self, chunk: bytes) -> bool:
         self._waits += 1
         started = trio.current_time()
         try:
@@ -202,11 +249,12 @@ class Pump:
         except trio.BrokenResourceError:
             # The writer failed and closed its end while we waited; its own
             # error is the one the nursery raises (not a group of two).
-            return
+            return False
         finally:
             waited = trio.current_time() - started
             self._wait_seconds += waited
             self.gauge.sink_wait_seconds += waited
+        return True
 
     async def _read_counted(self, read: ReadChunk, account: BudgetAccount | None) -> bytes:
         """Read one chunk, reserved from the budget beforehand if there is one."""
@@ -224,19 +272,37 @@ class Pump:
         self.progress.moved()
         return chunk
 
-    async def _write_side(self, write: WriteChunk, account: BudgetAccount | None) -> None:
+    async def _write_side(
+        self, write: WriteChunk, account: BudgetAccount | None, first: PendingBody
+    ) -> None:
         with self._receive_channel:
+            if first:
+                await self._write_first(write, first)
             async for chunk in self._receive_channel:
+                size = len(chunk)
                 await write(chunk)
-                self.gauge.remove(len(chunk))
-                self.gauge.relayed += len(chunk)
-                self._gauged -= len(chunk)
-                if account is not None:
-                    account.release(len(chunk))
-                self._bytes += len(chunk)
-                self._chunks += 1
-                self.progress.bytes_written += len(chunk)
-                self.progress.moved()
+                # Dead before its bytes go back to the budget: a loop variable
+                # would pin it while the writer waits for the next chunk.
+                del chunk
+                self._written(size, account)
+
+    async def _write_first(self, write: WriteChunk, first: PendingBody) -> None:
+        """Write the pending first chunk; it dies with this frame, not the pump."""
+        chunk = first.take()
+        self.progress.bytes_read += len(chunk)
+        await write(chunk)
+        self._written(len(chunk), None)
+
+    def _written(self, size: int, account: BudgetAccount | None) -> None:
+        self.gauge.remove(size)
+        self.gauge.relayed += size
+        self._gauged -= size
+        if account is not None:
+            account.release(size)
+        self._bytes += size
+        self._chunks += 1
+        self.progress.bytes_written += size
+        self.progress.moved()
 
 
 @contextmanager
@@ -333,7 +399,7 @@ async def relay_body(
     budget: MemoryBudget | None = None,
     progress: Progress | None = None,
     head: h11.Response | None = None,
-    first_chunk: bytes = b"",
+    first_chunk: PendingBody | None = None,
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -381,10 +447,7 @@ async def relay_body(
     rest = b""
 
     async def read() -> bytes:
-        nonlocal rest, pending
-        if pending:  # pulled by send_buffered and on the gauge, which the pump re-adds
-            gauge.remove(len(pending))
-            rest, pending = pending, b""
+        nonlocal rest
         while True:
             if rest:
                 chunk, rest = rest[:limit], rest[limit:]
@@ -404,7 +467,7 @@ async def relay_body(
     pump = Pump(
         buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=limit, progress=progress
     )
-    statistics = await pump.run(read, write)
+    statistics = await pump.run(read, write, pending)
     await sink.send(h11.EndOfMessage())
     return statistics
 
@@ -416,7 +479,7 @@ async def send_buffered(
     *,
     gauge: BufferGauge,
     progress: Progress,
-) -> tuple[bytes, bool]:
+) -> tuple[PendingBody, bool]:
     """Send ``head``, and the whole body too if ``source`` already holds it.
 
     Pulls h11 events without reading from the stream, so it holds at most
@@ -461,9 +524,9 @@ async def send_buffered(
     finally:
         progress.running = False
     if not ended:
-        return body, False  # still on the gauge: the pump's first read takes it over
+        return PendingBody(body), False  # still on the gauge: the pump takes it over
     gauge.remove(held)
     progress.bytes_read += held
     progress.bytes_written += held
     progress.moved()
-    return b"", True
+    return PendingBody(), True
