@@ -69,7 +69,7 @@ from ._config import ProxyConfig
 from ._errors import BadGateway, BadRequest, ClientGone
 from ._h11_io import ClientEndpoint, H11Endpoint, UpstreamEndpoint
 from ._http import upgrade_fields
-from ._relay import BufferGauge, Progress, relay_body
+from ._relay import BufferGauge, PendingBody, Progress, relay_body
 from ._splice import SinkBroken, SourceBroken, splice_pipe_size, splice_relay
 
 # Statuses whose responses never have a body (RFC 9110 6.4.1), whatever
@@ -130,7 +130,7 @@ async def relay_response_body(
     gauge: BufferGauge,
     progress: Progress,
     budget: MemoryBudget | None = None,
-    first_chunk: bytes = b"",
+    first_chunk: PendingBody | None = None,
 ) -> None:
     """Relay the response body upstream -> client, by splice where it can, then end it.
 
@@ -160,13 +160,23 @@ async def relay_response_body(
             first_chunk=first_chunk,
         )
         return
-    if first_chunk:
-        await client.send(h11.Data(data=first_chunk))
-        gauge.remove(len(first_chunk))
-    remaining = length - len(first_chunk) - await _forward_buffered_body(upstream, client)
+    sent_first = await _send_first_chunk(client, first_chunk, gauge)
+    remaining = length - sent_first - await _forward_buffered_body(upstream, client)
     if remaining:
         await _splice_body(upstream, client, remaining, pipe_size, progress)
     await client.send(h11.EndOfMessage())
+
+
+async def _send_first_chunk(
+    client: ClientEndpoint, first_chunk: PendingBody | None, gauge: BufferGauge
+) -> int:
+    """Send the bytes ``send_buffered`` pulled; they die with this frame, not
+    the splice's. Returns how many."""
+    chunk = first_chunk.take() if first_chunk is not None else b""
+    if chunk:
+        await client.send(h11.Data(data=chunk))
+        gauge.remove(len(chunk))
+    return len(chunk)
 
 
 def request_splice_pipe_size(

@@ -18,6 +18,14 @@ reader reserves ``read_size`` before each read, gives back the unused part
 right after it, and the writer gives back the chunk after writing it. Each
 pump's account is closed when it ends, so nothing leaks on cancellation or
 errors (chunks still in the channel are returned with it).
+
+Counted is not enough: RSS follows what is *alive*. So no hand keeps a
+reference to a chunk after giving its bytes back (no loop variable outlives
+its write; the reader's chunk lives in a frame of its own), the body bytes
+read with a message head travel in a ``PendingBody`` that the writer empties,
+and the h11 body reader leaves no body bytes in h11's buffer between reads.
+Measured with 200 slow clients (docs/memory.md), each of these had pinned
+about one chunk per connection outside the budget.
 """
 
 from __future__ import annotations
@@ -34,8 +42,12 @@ from ._budget import BudgetAccount, MemoryBudget
 from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_READ_SIZE
 from ._h11_io import H11Endpoint
 
-ReadChunk = Callable[[], Awaitable[bytes]]
-WriteChunk = Callable[[bytes], Awaitable[object]]
+# A chunk of payload: bytes from a stream, or the bytearray h11 extracted for a
+# Data event (typed bytes by h11), handed on as it is: a copy would only double
+# what is held. Both have len() and the buffer protocol, all the pump needs.
+Chunk = bytes
+ReadChunk = Callable[[], Awaitable[Chunk]]
+WriteChunk = Callable[[Chunk], Awaitable[object]]
 
 
 @attrs.frozen
@@ -108,6 +120,30 @@ class Progress:
         self.last_moved = trio.current_time()
 
 
+@attrs.define
+class PendingBody:
+    """Body bytes pulled ahead of a pump (``send_buffered``), handed over once.
+
+    A plain ``bytes`` passed down a chain of calls stays alive in every
+    caller's frame until the whole body has been relayed: 64 KiB pinned per
+    download, outside the budget. The pump's writer ``take``s the bytes out
+    of this holder instead, so they die as soon as the sink has them.
+
+    Memory: holds at most what h11 had received with the message head, one
+    ``read_size``; nothing once taken.
+    """
+
+    data: bytes = b""
+
+    def take(self) -> bytes:
+        """The bytes, leaving the holder empty."""
+        data, self.data = self.data, b""
+        return data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 class Pump:
     """One bounded transfer from a read callable to a write callable.
 
@@ -141,7 +177,7 @@ class Pump:
         self._budget = budget
         self._read_size = read_size or 0
         self._gauged = 0  # this pump's share of gauge.held
-        self._send_channel, self._receive_channel = trio.open_memory_channel[bytes](buffer_chunks)
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Chunk](buffer_chunks)
         self._capacity = buffer_chunks
         self.gauge = gauge if gauge is not None else BufferGauge()
         self.progress = progress if progress is not None else Progress()
@@ -161,22 +197,32 @@ class Pump:
             buffer_capacity=self._capacity,
         )
 
-    async def run(self, read: ReadChunk, write: WriteChunk) -> RelayStatistics:
+    async def run(
+        self, read: ReadChunk, write: WriteChunk, first_chunk: PendingBody | None = None
+    ) -> RelayStatistics:
         """Move chunks from ``read`` (``b""`` means EOF) to ``write`` until EOF.
+
+        ``first_chunk``, bytes already read and counted on ``gauge`` but not
+        on the budget, is written first, by the writer, while the reader
+        already reserves and reads: it never waits behind the budget, and it
+        is freed once written (``PendingBody``).
 
         Error handling: the first exception of either side cancels the other
         and is raised as itself (not wrapped in an ExceptionGroup).
         """
         account = self._budget.open_account() if self._budget is not None else None
+        first = first_chunk if first_chunk is not None else PendingBody()
+        self._gauged += len(first)  # already on gauge.held; this pump owns it now
         self.progress.running = True
         self.progress.moved()
         try:
             with collapse_single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_side, read, account)
-                    nursery.start_soon(self._write_side, write, account)
+                    nursery.start_soon(self._write_side, write, account, first)
         finally:
             # Chunks left in the channel or in a task's hand are gone now.
+            first.take()
             self.gauge.remove(self._gauged)
             self._gauged = 0
             if account is not None:
@@ -186,15 +232,28 @@ class Pump:
 
     async def _read_side(self, read: ReadChunk, account: BudgetAccount | None) -> None:
         with self._send_channel:
-            while chunk := await self._read_counted(read, account):
-                try:
-                    self._send_channel.send_nowait(chunk)
-                except trio.WouldBlock:
-                    await self._wait_for_sink(chunk)
-                except trio.BrokenResourceError:
-                    return  # the writer failed and closed its end; its error says why
+            while await self._read_one(read, account):
+                pass
 
-    async def _wait_for_sink(self, chunk: bytes) -> None:
+    async def _read_one(self, read: ReadChunk, account: BudgetAccount | None) -> bool:
+        """Read one chunk and hand it to the channel; False at EOF or a failed writer.
+
+        A function of its own so that the chunk dies with its frame: a loop
+        variable would keep the last chunk alive while the next read waits for
+        the budget, long after the writer wrote it and gave its bytes back.
+        """
+        chunk = await self._read_counted(read, account)
+        if not chunk:
+            return False
+        try:
+            self._send_channel.send_nowait(chunk)
+        except trio.WouldBlock:
+            return await self._wait_for_sink(chunk)
+        except trio.BrokenResourceError:
+            return False  # the writer failed and closed its end; its error says why
+        return True
+
+    async def _wait_for_sink(self, chunk: bytes) -> bool:
         self._waits += 1
         started = trio.current_time()
         try:
@@ -202,11 +261,12 @@ class Pump:
         except trio.BrokenResourceError:
             # The writer failed and closed its end while we waited; its own
             # error is the one the nursery raises (not a group of two).
-            return
+            return False
         finally:
             waited = trio.current_time() - started
             self._wait_seconds += waited
             self.gauge.sink_wait_seconds += waited
+        return True
 
     async def _read_counted(self, read: ReadChunk, account: BudgetAccount | None) -> bytes:
         """Read one chunk, reserved from the budget beforehand if there is one."""
@@ -224,19 +284,37 @@ class Pump:
         self.progress.moved()
         return chunk
 
-    async def _write_side(self, write: WriteChunk, account: BudgetAccount | None) -> None:
+    async def _write_side(
+        self, write: WriteChunk, account: BudgetAccount | None, first: PendingBody
+    ) -> None:
         with self._receive_channel:
+            if first:
+                await self._write_first(write, first)
             async for chunk in self._receive_channel:
+                size = len(chunk)
                 await write(chunk)
-                self.gauge.remove(len(chunk))
-                self.gauge.relayed += len(chunk)
-                self._gauged -= len(chunk)
-                if account is not None:
-                    account.release(len(chunk))
-                self._bytes += len(chunk)
-                self._chunks += 1
-                self.progress.bytes_written += len(chunk)
-                self.progress.moved()
+                # Dead before its bytes go back to the budget: a loop variable
+                # would pin it while the writer waits for the next chunk.
+                del chunk
+                self._written(size, account)
+
+    async def _write_first(self, write: WriteChunk, first: PendingBody) -> None:
+        """Write the pending first chunk; it dies with this frame, not the pump."""
+        chunk = first.take()
+        self.progress.bytes_read += len(chunk)
+        await write(chunk)
+        self._written(len(chunk), None)
+
+    def _written(self, size: int, account: BudgetAccount | None) -> None:
+        self.gauge.remove(size)
+        self.gauge.relayed += size
+        self._gauged -= size
+        if account is not None:
+            account.release(size)
+        self._bytes += size
+        self._chunks += 1
+        self.progress.bytes_written += size
+        self.progress.moved()
 
 
 @contextmanager
@@ -333,7 +411,7 @@ async def relay_body(
     budget: MemoryBudget | None = None,
     progress: Progress | None = None,
     head: h11.Response | None = None,
-    first_chunk: bytes = b"",
+    first_chunk: PendingBody | None = None,
 ) -> RelayStatistics:
     """Pump one message body from ``source`` to ``sink``, then end the message.
 
@@ -347,10 +425,10 @@ async def relay_body(
     nursery or task is started (``send_buffered``).
 
     Memory: the same bound as ``relay``, with ``source.read_size`` as the
-    chunk size: a Data event larger than that (what one read returned plus
-    the unparsed rest of the previous one) is handed on in pieces, the rest
-    waiting in the reader's hand as it waited in h11's buffer before.
-    Before the pump starts, at most what h11 had already received is held.
+    chunk size (``BodyReader``: each read takes out every body byte h11
+    holds, so none waits in h11's buffer outside the budget). Before the
+    pump starts, at most what h11 had already received is held; that first
+    chunk is written first and freed then (``PendingBody``).
 
     Raises:
         ProxyError or ClientGone: from either side, as its endpoint translates
@@ -378,35 +456,69 @@ async def relay_body(
             return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
 
     limit = source.read_size
-    rest = b""
+    read = BodyReader(source, limit).read
 
-    async def read() -> bytes:
-        nonlocal rest, pending
-        if pending:  # pulled by send_buffered and on the gauge, which the pump re-adds
-            gauge.remove(len(pending))
-            rest, pending = pending, b""
-        while True:
-            if rest:
-                chunk, rest = rest[:limit], rest[limit:]
-                return chunk
-            event = await source.next_event()
-            if isinstance(event, h11.Data):
-                if event.data:
-                    rest = bytes(event.data)  # h11 may hand out a bytearray
-            elif isinstance(event, h11.EndOfMessage):
-                return b""
-            else:  # pragma: no cover - h11 yields only Data/EndOfMessage here
-                raise AssertionError(f"unexpected h11 event in a body: {event!r}")
-
-    async def write(chunk: bytes) -> None:
+    async def write(chunk: Chunk) -> None:
         await sink.send(h11.Data(data=chunk))
 
     pump = Pump(
         buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=limit, progress=progress
     )
-    statistics = await pump.run(read, write)
+    statistics = await pump.run(read, write, pending)
     await sink.send(h11.EndOfMessage())
     return statistics
+
+
+class BodyReader:
+    """Reads a message body from an h11 endpoint in chunks of at most ``limit``.
+
+    Each ``read`` reads the stream at most once (``limit`` bytes, what the
+    pump reserved from the budget for it) and then takes out every Data event
+    h11 can parse from what it holds, joined into one chunk. So h11's receive
+    buffer is empty between reads, but for the few bytes of an incomplete
+    chunk header: body bytes never wait there, outside the budget, while the
+    pump waits for the budget or the sink. Many small upstream chunks become
+    one chunk of up to ``limit`` bytes.
+
+    Memory: holds nothing between reads but a rest over ``limit`` (the
+    incomplete framing bytes of a previous read, at most a few bytes, when a
+    join exceeds ``limit``) and h11's unparsed framing bytes.
+
+    Args:
+        source: the endpoint whose message body is read.
+        limit: the largest chunk, in bytes: the endpoint's ``read_size``.
+    """
+
+    def __init__(self, source: H11Endpoint, limit: int) -> None:
+        self._source = source
+        self._limit = limit
+        self._rest: Chunk = b""
+        self._ended = False
+
+    async def read(self) -> Chunk:
+        """The next chunk of the body, or ``b""`` after its end."""
+        while not self._rest:
+            if self._ended:
+                return b""
+            self._rest, self._ended = await self._receive()
+        chunk, self._rest = self._rest, b""
+        if len(chunk) > self._limit:
+            chunk, self._rest = chunk[: self._limit], chunk[self._limit :]
+        return chunk
+
+    async def _receive(self) -> tuple[Chunk, bool]:
+        """Body bytes of one read and all h11 holds; True if the message ended."""
+        pieces: list[Chunk] = []
+        event = await self._source.next_event()
+        while isinstance(event, h11.Data):
+            if event.data:
+                pieces.append(event.data)
+            event = self._source.next_event_nowait()
+        if event is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
+            raise AssertionError(f"unexpected h11 event in a body: {event!r}")  # pragma: no cover
+        # The usual single piece goes on as h11 made it; several are joined once.
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data, isinstance(event, h11.EndOfMessage)
 
 
 async def send_buffered(
@@ -416,7 +528,7 @@ async def send_buffered(
     *,
     gauge: BufferGauge,
     progress: Progress,
-) -> tuple[bytes, bool]:
+) -> tuple[PendingBody, bool]:
     """Send ``head``, and the whole body too if ``source`` already holds it.
 
     Pulls h11 events without reading from the stream, so it holds at most
@@ -461,9 +573,9 @@ async def send_buffered(
     finally:
         progress.running = False
     if not ended:
-        return body, False  # still on the gauge: the pump's first read takes it over
+        return PendingBody(body), False  # still on the gauge: the pump takes it over
     gauge.remove(held)
     progress.bytes_read += held
     progress.bytes_written += held
     progress.moved()
-    return b"", True
+    return PendingBody(), True

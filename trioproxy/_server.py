@@ -74,7 +74,7 @@ from ._policy import (
     client_allowed,
 )
 from ._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
-from ._relay import collapse_single_error, send_buffered
+from ._relay import PendingBody, collapse_single_error, send_buffered
 from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
 from ._timeouts import StallWatchdog, read_request_head, run_watched, wait_for_request
@@ -512,7 +512,7 @@ async def _relay_response_body(
     response: h11.Response,
     context: _Context,
     record: AccessRecord,
-    pending: bytes,
+    pending: PendingBody,
 ) -> None:
     """The rest of a response body after its head (and ``pending``, the body
     bytes ``send_buffered`` pulled), by splice(2) when it can (_body_splice)."""
