@@ -83,3 +83,33 @@ async def test_pruning_drops_stale_deadlines_and_their_scopes(
 def test_pruning_outside_trio_does_nothing() -> None:
     """Outside ``trio.run`` there is no deadline heap: nothing to drop, no error."""
     assert _memory.prune_stale_deadlines() == 0
+
+
+async def test_trims_again_when_lingering_tasks_end(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks that end after the meters settled (connections whose closing
+    outlives their count) are work too: their memory is freed only then, so
+    the trimmer trims once more after they are gone, and not again."""
+    trims: list[float] = []
+
+    def fake_trim() -> bool:
+        trims.append(trio.current_time())
+        return True
+
+    monkeypatch.setattr(_memory, "trim_heap", fake_trim)
+    meters = trioproxy.ProxyMeters()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_memory.trim_heap_when_idle, meters)
+        for _ in range(3):
+            nursery.start_soon(trio.sleep, 4.5)  # a closing that lingers
+        meters.client_connections = 3
+        await trio.sleep(0.5)
+        meters.client_connections = 0
+        await trio.sleep(3)
+        assert trims == [2.0]  # the meters settled; the tasks still live
+        await trio.sleep(4)
+        assert trims == [2.0, 6.0]  # they ended at 4.5: seen at 5, settled at 6
+        await trio.sleep(10)
+        assert trims == [2.0, 6.0]
+        nursery.cancel_scope.cancel()
