@@ -11,7 +11,8 @@ below them stays resident, so RSS stays at the load's level although Python
 holds nothing. ``malloc_trim(0)`` walks every arena and releases free pages
 anywhere in them (``madvise(MADV_DONTNEED)``, glibc >= 2.8), which is exactly
 what is left over. See docs/memory.md for the measurements of this and of the
-alternatives (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX).
+alternatives (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX, and jemalloc
+or mimalloc through LD_PRELOAD, which left as much or more resident).
 
 Cyclic garbage first: a cancelled task's exception and its frames reference
 each other, so the chunks in those frames stay alive until the cyclic GC's
@@ -28,12 +29,15 @@ more than twice the live deadlines plus 1,000 entries. After a load of 600 conne
 entries and their cancel scopes live on, a few hundred bytes each but
 scattered over as many heap pages, which no trim can return: +6.6 MiB of RSS
 left over against +2.4 MiB once the trimmer drops them first (docs/memory.md).
+Since the trimmer also waits for the connections' tasks to end (below), trio's
+own pruning mostly catches them first; ours still covers the fewer than
+1,000 that trio leaves until their deadlines pass.
 trio has no public call for that, so ``prune_stale_deadlines`` uses its
 internal one, and does nothing if a future trio has renamed it.
 
 When: ``trim_heap_when_idle`` looks once per ``IDLE_CHECK_SECONDS``; when the
 proxy worked since the last trim (bytes relayed, connections opened or
-closed), nothing changed in the last interval and no payload bytes are held,
+closed, tasks started or ended), nothing changed in the last interval and no payload bytes are held,
 it prunes, collects and trims once. These take a few milliseconds at our heap sizes,
 and an idle server never does it twice.
 
