@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import trio
 import trio.testing
@@ -53,3 +56,60 @@ async def test_trims_once_after_work_settles(
 def test_trim_heap_is_safe_to_call() -> None:
     """``trim_heap`` works here (glibc) or is a no-op, and never raises."""
     assert _memory.trim_heap() in (True, False)
+
+
+async def test_pruning_drops_stale_deadlines_and_their_scopes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Scopes that exited before their deadline are kept alive by trio's
+    deadline heap until pruned; pruning frees them and leaves a live deadline
+    firing at its exact time."""
+    exited = []
+    for _ in range(50):
+        with trio.move_on_after(100) as scope:
+            await trio.lowlevel.checkpoint()
+        exited.append(weakref.ref(scope))
+    del scope
+    gc.collect()
+    assert all(ref() is not None for ref in exited)  # held by stale heap entries
+    with trio.move_on_after(5) as live:
+        assert _memory.prune_stale_deadlines() >= 50
+        assert all(ref() is None for ref in exited)
+        await trio.sleep(10)
+    assert live.cancelled_caught
+    assert trio.current_time() == 5.0
+
+
+def test_pruning_outside_trio_does_nothing() -> None:
+    """Outside ``trio.run`` there is no deadline heap: nothing to drop, no error."""
+    assert _memory.prune_stale_deadlines() == 0
+
+
+async def test_trims_again_when_lingering_tasks_end(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks that end after the meters settled (connections whose closing
+    outlives their count) are work too: their memory is freed only then, so
+    the trimmer trims once more after they are gone, and not again."""
+    trims: list[float] = []
+
+    def fake_trim() -> bool:
+        trims.append(trio.current_time())
+        return True
+
+    monkeypatch.setattr(_memory, "trim_heap", fake_trim)
+    meters = trioproxy.ProxyMeters()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_memory.trim_heap_when_idle, meters)
+        for _ in range(3):
+            nursery.start_soon(trio.sleep, 4.5)  # a closing that lingers
+        meters.client_connections = 3
+        await trio.sleep(0.5)
+        meters.client_connections = 0
+        await trio.sleep(3)
+        assert trims == [2.0]  # the meters settled; the tasks still live
+        await trio.sleep(4)
+        assert trims == [2.0, 6.0]  # they ended at 4.5: seen at 5, settled at 6
+        await trio.sleep(10)
+        assert trims == [2.0, 6.0]
+        nursery.cancel_scope.cancel()
