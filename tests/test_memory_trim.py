@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import pytest
 import trio
 import trio.testing
@@ -56,33 +53,6 @@ async def test_trims_once_after_work_settles(
 def test_trim_heap_is_safe_to_call() -> None:
     """``trim_heap`` works here (glibc) or is a no-op, and never raises."""
     assert _memory.trim_heap() in (True, False)
-
-
-async def test_pruning_drops_stale_deadlines_and_their_scopes(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Scopes that exited before their deadline are kept alive by trio's
-    deadline heap until pruned; pruning frees them and leaves a live deadline
-    firing at its exact time."""
-    exited = []
-    for _ in range(50):
-        with trio.move_on_after(100) as scope:
-            await trio.lowlevel.checkpoint()
-        exited.append(weakref.ref(scope))
-    del scope
-    gc.collect()
-    assert all(ref() is not None for ref in exited)  # held by stale heap entries
-    with trio.move_on_after(5) as live:
-        assert _memory.prune_stale_deadlines() >= 50
-        assert all(ref() is None for ref in exited)
-        await trio.sleep(10)
-    assert live.cancelled_caught
-    assert trio.current_time() == 5.0
-
-
-def test_pruning_outside_trio_does_nothing() -> None:
-    """Outside ``trio.run`` there is no deadline heap: nothing to drop, no error."""
-    assert _memory.prune_stale_deadlines() == 0
 
 
 async def test_trims_again_when_lingering_tasks_end(

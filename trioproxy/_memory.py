@@ -20,26 +20,16 @@ next full collection, which under a steady load can be minutes away. Trimming
 the heap while they are alive would release nothing, so the trimmer calls
 ``gc.collect()`` first.
 
-Stale timeouts, the largest survivor after many connections: trio keeps
-every deadline it was ever given in a heap of ``(deadline, id, CancelScope)``
-entries, and a scope that exits before its deadline (every request timeout
-that did not fire, every keep-alive wait that ended with a request) leaves its
-entry behind until that deadline time has passed, or until the heap holds
-more than twice the live deadlines plus 1,000 entries. After a load of 600 connections ~900 such
-entries and their cancel scopes live on, a few hundred bytes each but
-scattered over as many heap pages, which no trim can return: +6.6 MiB of RSS
-left over against +2.4 MiB once the trimmer drops them first (docs/memory.md).
-Since the trimmer also waits for the connections' tasks to end (below), trio's
-own pruning mostly catches them first; ours still covers the fewer than
-1,000 that trio leaves until their deadlines pass.
-trio has no public call for that, so ``prune_stale_deadlines`` uses its
-internal one, and does nothing if a future trio has renamed it.
+Tasks outlive their connection count: a connection's handler task ends a
+close or two after the count drops, and after thousands closed at once some
+were measured still alive a second later. So trio's ``tasks_living`` is part
+of what the trimmer watches, and a trim follows once they are gone.
 
 When: ``trim_heap_when_idle`` looks once per ``IDLE_CHECK_SECONDS``; when the
 proxy worked since the last trim (bytes relayed, connections opened or
-closed, tasks started or ended), nothing changed in the last interval and no payload bytes are held,
-it prunes, collects and trims once. These take a few milliseconds at our heap sizes,
-and an idle server never does it twice.
+closed, tasks started or ended), nothing changed in the last interval and no
+payload bytes are held, it collects and trims once. These take a few
+milliseconds at our heap sizes, and an idle server never does it twice.
 
 Small objects: CPython's own allocator (pymalloc) carves them out of 1 MiB
 arenas and returns an arena only when every object in it is dead. After a few
@@ -133,28 +123,6 @@ def trim_heap() -> bool:
     return bool(malloc_trim(0)) if malloc_trim is not None else False
 
 
-def prune_stale_deadlines() -> int:
-    """Drop the entries of trio's deadline heap whose scope has exited or moved
-    its deadline, and so the cancel scopes only they keep alive.
-
-    Live deadlines stay and fire as before (it is the pruning trio itself does
-    once stale entries pile up). Call it from inside ``trio.run``.
-
-    Returns:
-        How many entries were dropped; 0 outside ``trio.run`` or with a trio
-        whose internals no longer look as expected.
-    """
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT
-
-        deadlines = GLOBAL_RUN_CONTEXT.runner.deadlines
-        before = len(deadlines._heap)
-        deadlines._prune()
-        return before - len(deadlines._heap)
-    except (ImportError, AttributeError):  # not in trio.run, or another trio
-        return 0
-
-
 def _activity(meters: ProxyMeters) -> tuple[int, int, int, int]:
     """What changes while the proxy works: bytes relayed, connections open,
     responses sent (a whole short exchange may fit between two looks), and
@@ -171,7 +139,7 @@ def _held(meters: ProxyMeters) -> int:
 
 
 async def trim_heap_when_idle(meters: ProxyMeters) -> None:
-    """Run until cancelled; prune, collect and trim once each time the proxy settles.
+    """Run until cancelled; collect and trim once each time the proxy settles.
 
     "Settles" means: bytes were relayed or connections opened or closed since
     the last trim, nothing changed during the last interval, and no payload
@@ -183,20 +151,16 @@ async def trim_heap_when_idle(meters: ProxyMeters) -> None:
         await trio.sleep(IDLE_CHECK_SECONDS)
         now = _activity(meters)
         if now == seen and now != trimmed_at and _held(meters) == 0:
-            # Stale deadline entries keep their cancel scopes alive, and
-            # cancelled tasks leave exception <-> frame cycles that hold their
-            # chunks until a full collection; free both, then trim.
+            # Cancelled tasks leave exception <-> frame cycles that hold their
+            # chunks until a full collection; free them, then trim.
             started = time.perf_counter()
-            pruned = prune_stale_deadlines()
             few = meters.client_connections <= GC_MAX_CONNECTIONS
             unreachable = gc.collect() if few else 0
             collected = time.perf_counter()
             released = trim_heap()
             logger.debug(
-                "settled at %s; pruned %d stale deadlines; gc freed %d objects in %.1f ms;"
-                " heap trimmed (%s) in %.1f ms",
+                "settled at %s; gc freed %d objects in %.1f ms; heap trimmed (%s) in %.1f ms",
                 now,
-                pruned,
                 unreachable,
                 (collected - started) * 1000,
                 released,
