@@ -6,9 +6,11 @@ different things on the two sides: a protocol error from the client is the
 client's fault (400 or 431), the same from the upstream is a 502; a broken
 client stream means nobody is left to answer.
 
-Memory: h11's receive buffer holds what one ``receive_some(read_size)``
-returned plus what was left unparsed before it; h11 refuses to buffer more
-than ``max_incomplete_event_size`` while waiting for a head.
+Memory: h11's receive buffer holds what one read of ``read_size`` returned
+plus what was left unparsed before it; h11 refuses to buffer more than
+``max_incomplete_event_size`` while waiting for a head. On plain TCP the read
+itself lands in the process-wide scratch buffer (``_scratch``), which h11
+copies from, so a read allocates nothing of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 
 from ._errors import BadGateway, ClientGone, ProxyError, error_for_status
 from ._framing import HeadLimits, RequestHeadGuard
+from ._scratch import read_into_scratch, scratch_socket
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -38,6 +41,8 @@ class H11Endpoint:
         self.read_size = read_size
         # Bytes read from the stream so far; tells whether a peer sent anything.
         self.bytes_received = 0
+        # Read through the shared scratch buffer when it is a plain TCP socket.
+        self._socket = scratch_socket(stream)
         # True once a body moved on this connection by splice (_body_splice),
         # past this h11 connection's reader or writer: never reuse it.
         self.body_spliced = False
@@ -71,20 +76,28 @@ class H11Endpoint:
     async def receive_once(self) -> None:
         """Read once from the stream and hand the bytes (or EOF) to h11.
 
-        Cancelling it loses no data: trio's ``receive_some`` either returns
-        bytes or, cancelled, has taken none.
+        Cancelling it loses no data: a read either returns bytes or,
+        cancelled, has taken none (``receive_some`` and ``read_into_scratch``
+        alike).
 
         Raises:
             ProxyError or ClientGone: as translated by the subclass.
         """
         try:
-            data = bytes(await self.stream.receive_some(self.read_size))
+            if self._socket is not None:
+                # A view of the shared scratch buffer: used up (copied by h11)
+                # before the next await, as _scratch requires.
+                data: bytes | bytearray | memoryview = await read_into_scratch(
+                    self._socket, self.read_size
+                )
+            else:
+                data = await self.stream.receive_some(self.read_size)
         except _STREAM_ERRORS as exc:
             raise self._stream_error(exc) from exc
         self._received(data)
         self.bytes_received += len(data)
         try:
-            self.conn.receive_data(data)
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any buffer
         except h11.RemoteProtocolError as exc:
             raise self._protocol_error(exc) from exc
 
@@ -133,8 +146,11 @@ class H11Endpoint:
         data = self.conn.send(event)
         return [data] if data else []
 
-    def _received(self, data: bytes) -> None:
-        """Look at ``data`` before h11 parses it (a hook; by default nothing)."""
+    def _received(self, data: bytes | bytearray | memoryview) -> None:
+        """Look at ``data`` before h11 parses it (a hook; by default nothing).
+
+        ``data`` may be a view of the scratch buffer: copy what you keep.
+        """
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> Exception:
         raise NotImplementedError
@@ -199,9 +215,9 @@ class ClientEndpoint(H11Endpoint):
         # copy per request, of at most one read.
         self._head_guard.feed(self.conn.trailing_data[0])
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes | bytearray | memoryview) -> None:
         if self._head_guard is not None and not self._head_guard.done:
-            self._head_guard.feed(data)
+            self._head_guard.feed(bytes(data))  # at most one read, while a head arrives
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> ProxyError:
         return error_for_status(exc.error_status_hint, str(exc))
