@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import h11
+import pytest
 import trio
 import trio.testing
 
@@ -102,3 +103,15 @@ async def test_only_plain_sockets_read_through_the_scratch_buffer() -> None:
     assert bytes(data.data) == b"ok"
     await writer.aclose()
     await reader.aclose()
+
+
+async def test_without_readv_every_stream_keeps_receive_some(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where os.readv does not exist (Windows), no stream reads through the
+    scratch buffer."""
+    writer, reader = socket_pair()
+    monkeypatch.setattr(_scratch, "READV_AVAILABLE", False)
+    assert _scratch.scratch_socket(reader) is None
+    writer.socket.close()
+    reader.socket.close()

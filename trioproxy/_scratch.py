@@ -17,8 +17,9 @@ copies them) before it awaits anything. trio's own ``recv_into`` would not do:
 it yields once more after the syscall, and another task could overwrite the
 buffer in between.
 
-Only plain ``trio.SocketStream``s read this way; TLS and in-memory streams go
-through ``receive_some`` as before (``scratch_socket``).
+Only plain ``trio.SocketStream``s read this way, and only where sockets are
+file descriptors that ``os.readv`` takes (POSIX); TLS and in-memory streams,
+and Windows, go through ``receive_some`` as before (``scratch_socket``).
 
 Memory: one buffer of the largest ``size`` asked for in this process (the
 ``read_size``, 64 KiB by default), allocated once and never freed.
@@ -32,10 +33,13 @@ import trio
 
 _buffer = bytearray()
 
+# os.readv exists where sockets are file descriptors (not on Windows).
+READV_AVAILABLE = hasattr(os, "readv")
+
 
 def scratch_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket to read with ``read_into_scratch``, or None to use ``receive_some``."""
-    if type(stream) is trio.SocketStream:
+    if READV_AVAILABLE and type(stream) is trio.SocketStream:
         return stream.socket
     return None
 
