@@ -157,10 +157,10 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    """Drop hop-by-hop fields and every field that Connection names."""
-    dropped = HOP_BY_HOP | _connection_tokens(headers)
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
+def _hop_by_hop_names(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lowercased names of the fields that do not travel past us: the
+    hop-by-hop ones and every field that Connection names."""
+    return HOP_BY_HOP | _connection_tokens(headers)
 
 
 def upstream_request_headers(
@@ -180,7 +180,7 @@ def upstream_request_headers(
     """
     # One pass over the fields rather than one per rule: this runs for every
     # request (issue 5, CPU per request).
-    dropped = _connection_tokens(headers)
+    hop_by_hop = _hop_by_hop_names(headers)
     merge_forwarded_for = reverse and client_host is not None
     result = [(b"Host", target.authority)]
     original_host: bytes | None = None
@@ -192,7 +192,7 @@ def upstream_request_headers(
         if lowered == b"host":
             if original_host is None:
                 original_host = value
-        elif lowered in HOP_BY_HOP or lowered in dropped:
+        elif lowered in hop_by_hop:
             # h11 frames a request body as chunked only when told to; without
             # this, a chunked upload would be framed as Content-Length: 0 (h11
             # only accepts "chunked" from the client, so that is all this can be).
@@ -225,12 +225,12 @@ def client_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     """The fields of the upstream's response as sent to the client: the
     end-to-end ones in their order, then Via with our element appended."""
     # One pass, as in upstream_request_headers: this runs for every response.
-    dropped = _connection_tokens(headers)
+    hop_by_hop = _hop_by_hop_names(headers)
     result: Headers = []
     via: list[bytes] = []
     for name, value in headers:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in dropped:
+        if lowered in hop_by_hop:
             continue
         if lowered == b"via":
             via.append(value)
@@ -260,7 +260,7 @@ def error_response(error: ProxyError) -> tuple[h11.Response, bytes]:
 
 # --- Tunnels: CONNECT targets and protocol upgrades --------------------------
 #
-# Connection and Upgrade are hop-by-hop, and ``end_to_end`` drops them. A
+# Connection and Upgrade are hop-by-hop, and the header builders drop them. A
 # protocol upgrade is the one case where the client means them for the origin
 # too, so when the client asks for one, the pair is re-added towards the
 # upstream, and the upstream's 101 carries its pair back to the client.
