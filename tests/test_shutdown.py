@@ -6,6 +6,7 @@ The real-process behaviour (signals, exit status) is in test_process.py.
 from __future__ import annotations
 
 import functools
+import sys
 
 import h11
 import pytest
@@ -60,6 +61,26 @@ async def test_idle_wait_deadline_ends_the_wait_and_unregisters(
     with pytest.raises(ZeroDivisionError), shutdown.idle_wait(start + 100):
         raise ZeroDivisionError
     assert shutdown._idle_scopes == set()
+
+
+async def test_idle_waits_set_shrinks_back_after_a_peak() -> None:
+    """Memory: after 5,000 connections waited idle at once and ended, the set
+    that registered them is back to an empty set's size, not its peak's."""
+    shutdown = Shutdown()
+    empty = sys.getsizeof(shutdown._idle_scopes)
+    async with trio.open_nursery() as nursery:
+        for _ in range(5000):
+            nursery.start_soon(_wait_idle, shutdown)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(shutdown._idle_scopes) == 5000
+        assert sys.getsizeof(shutdown._idle_scopes) > 100 * empty
+        shutdown.begin()
+    assert sys.getsizeof(shutdown._idle_scopes) == empty
+
+
+async def _wait_idle(shutdown: Shutdown) -> None:
+    with shutdown.idle_wait():
+        await trio.sleep_forever()
 
 
 async def test_drain_waits_for_inflight_then_cancels_at_timeout(
