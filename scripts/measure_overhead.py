@@ -197,6 +197,10 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
     metrics = ("127.0.0.1", args.metrics_port)
     idle_streams: list[trio.SocketStream] = []
     slow_streams: list[trio.SocketStream] = []
+    # The proxy imports psutil on its first /debug/memory scrape (~1 MiB of
+    # RSS, once); scrape before the idle reading so that the one-time import
+    # is not counted as memory the load left behind.
+    await debug_memory(metrics)
     await trio.sleep(SETTLE_SECONDS)
     before = report.rss()
     report.note("rss_idle_bytes", before, format_bytes(before))
