@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import trio
 import trio.testing
@@ -10,20 +12,26 @@ import trioproxy
 from trioproxy import _memory
 
 
+@pytest.fixture
+def trims(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The trio times at which the trimmer trimmed; the heap itself is left alone."""
+    times: list[float] = []
+
+    def fake_trim() -> bool:
+        times.append(trio.current_time())
+        return True
+
+    monkeypatch.setattr(_memory, "trim_heap", fake_trim)
+    return times
+
+
 async def test_trims_once_after_work_settles(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock, trims: list[float]
 ) -> None:
     """No trim while idle from the start, none while bytes are still held or
     still moving, exactly one once the work has stopped for one interval, one
     after connections merely opened or closed or a response was sent, and
     none while nothing happens."""
-    trims: list[float] = []
-
-    def fake_trim() -> bool:
-        trims.append(trio.current_time())
-        return True
-
-    monkeypatch.setattr(_memory, "trim_heap", fake_trim)
     meters = trioproxy.ProxyMeters()
     interval = _memory.IDLE_CHECK_SECONDS
     async with trio.open_nursery() as nursery:
@@ -56,18 +64,11 @@ def test_trim_heap_is_safe_to_call() -> None:
 
 
 async def test_trims_again_when_lingering_tasks_end(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock, trims: list[float]
 ) -> None:
     """Tasks that end after the meters settled (connections whose closing
     outlives their count) are work too: their memory is freed only then, so
     the trimmer trims once more after they are gone, and not again."""
-    trims: list[float] = []
-
-    def fake_trim() -> bool:
-        trims.append(trio.current_time())
-        return True
-
-    monkeypatch.setattr(_memory, "trim_heap", fake_trim)
     meters = trioproxy.ProxyMeters()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_memory.trim_heap_when_idle, meters)
@@ -83,3 +84,56 @@ async def test_trims_again_when_lingering_tasks_end(
         await trio.sleep(10)
         assert trims == [2.0, 6.0]
         nursery.cancel_scope.cancel()
+
+
+async def test_trims_as_pooled_upstreams_close(
+    autojump_clock: trio.testing.MockClock, trims: list[float]
+) -> None:
+    """The upstream pool closes its idle connections one by one for seconds
+    after the load (``--upstream-idle-timeout``) while nothing else changes.
+    Their memory is free only then: the trimmer trims after each second in
+    which some closed, without waiting for the pool to be still, and then
+    no more."""
+    meters = trioproxy.ProxyMeters()
+    pooled = [0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_memory.trim_heap_when_idle, meters, lambda: pooled[0])
+        await trio.sleep(0.5)
+        meters.count_response(200)
+        pooled[0] = 4  # the exchanges returned their upstream connections
+        await trio.sleep(2)
+        assert trims == [2.0]  # the client side settled
+        for _ in range(4):
+            pooled[0] -= 1  # the reaper closes one each second: 2.5, 3.5, 4.5, 5.5
+            await trio.sleep(1)
+        await trio.sleep(10)
+        assert trims == [2.0, 3.0, 4.0, 5.0, 6.0]
+        nursery.cancel_scope.cancel()
+
+
+def test_trim_heap_releases_names_held_by_the_type_cache() -> None:
+    """CPython's type cache keeps a reference to every attribute name it
+    looked up; a name made at run time (as C code calling a method by a C
+    string does on every call) stays alive in it until the trim clears it."""
+    name = "".join(["with_", "traceback"])  # built at run time: not interned
+    alone = sys.getrefcount(name)
+    getattr(ValueError(), name)
+    if sys.getrefcount(name) == alone:
+        pytest.skip("this interpreter's type cache does not hold names")
+    _memory.trim_heap()
+    assert sys.getrefcount(name) == alone
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        (None, "glibc.malloc.tcache_count=0"),
+        ("", "glibc.malloc.tcache_count=0"),
+        ("glibc.malloc.arena_max=1", "glibc.malloc.arena_max=1:glibc.malloc.tcache_count=0"),
+        ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7"),  # the user's choice
+    ],
+)
+def test_glibc_tunables_turn_the_tcache_off_and_keep_the_users(
+    current: str | None, expected: str
+) -> None:
+    assert _memory.glibc_tunables(current) == expected

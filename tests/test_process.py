@@ -13,7 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import h11
 import pytest
 import trio
 
-from trioproxy import ProxyConfig
+from trioproxy import ProxyConfig, _memory
 from trioproxy._limits import SPARE_DESCRIPTORS, descriptors_needed
 
 from .helpers import read_h11_message
@@ -76,9 +76,14 @@ class Proxy:
 
 
 @asynccontextmanager
-async def proxy_process(*args: str) -> AsyncIterator[Proxy]:
-    """Start the proxy, read its startup line; kill it at the end if still alive."""
+async def proxy_process(*args: str, unset: Sequence[str] = ()) -> AsyncIterator[Proxy]:
+    """Start the proxy, read its startup line; kill it at the end if still alive.
+
+    ``unset``: environment variables the proxy must not inherit.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in unset:
+        env.pop(name, None)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0", *args],
         stdin=subprocess.DEVNULL,
@@ -286,3 +291,16 @@ async def test_idle_keepalive_connection_does_not_delay_shutdown() -> None:
                     assert await proxy.process.wait() == 0
                     assert await stream.receive_some(100) == b""
         nursery.cancel_scope.cancel()
+
+
+async def test_the_proxy_runs_with_the_allocator_settings_that_return_memory() -> None:
+    """On glibc the command line re-executes itself once with PYTHONMALLOC=malloc
+    and glibc's tcache off (docs/memory.md, "After a load"); same PID."""
+    if _memory._malloc_trim() is None:
+        pytest.skip("not glibc: no re-exec")
+    async with proxy_process(
+        *args_for_a_quiet_start(), unset=["PYTHONMALLOC", "GLIBC_TUNABLES"]
+    ) as proxy:
+        environ = (await trio.Path(f"/proc/{proxy.process.pid}/environ").read_bytes()).split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environ
+    assert b"GLIBC_TUNABLES=glibc.malloc.tcache_count=0" in environ

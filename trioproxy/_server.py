@@ -679,7 +679,7 @@ async def serve(
         # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
         if config.metrics_listen is not None:
             await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)
-        nursery.start_soon(trim_heap_when_idle, shared_meters)
+        nursery.start_soon(trim_heap_when_idle, shared_meters, lambda: pool.idle_count)
         await serve_until_shutdown(
             handler,
             listeners,
