@@ -29,7 +29,7 @@ async def test_connection_beyond_limit_waits_until_one_ends() -> None:
     one of the first two ends; then it is served."""
     listener = FakeListener()
     held = HeldConnections()
-    limiter = trio.CapacityLimiter(2)
+    limiter = trio.Semaphore(2)
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
             serve_listeners_limited,
@@ -56,7 +56,7 @@ async def test_limit_holds_across_listeners() -> None:
     """Two listeners share one limit: never more than 2 connections at once."""
     listeners = [FakeListener(), FakeListener()]
     held = HeldConnections()
-    limiter = trio.CapacityLimiter(2)
+    limiter = trio.Semaphore(2)
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
             serve_listeners_limited,
@@ -82,7 +82,7 @@ async def test_limit_holds_across_listeners() -> None:
 async def test_closed_connection_frees_its_slot_even_if_handler_fails() -> None:
     """A handler that raises still gives its slot back and its stream is closed."""
     listener = FakeListener()
-    limiter = trio.CapacityLimiter(1)
+    limiter = trio.Semaphore(1)
     handled: list[Stream] = []
 
     async def failing(stream: Stream) -> None:
@@ -97,7 +97,7 @@ async def test_closed_connection_frees_its_slot_even_if_handler_fails() -> None:
         clients = [listener.connect() for _ in range(3)]
         await trio.testing.wait_all_tasks_blocked()
         assert len(handled) == 3
-        assert limiter.borrowed_tokens == 1  # the accept loop's, waiting for a 4th
+        assert limiter.value == 0  # the accept loop's slot, waiting for a 4th
         for client in clients:
             assert await client.receive_some(10) == b""  # closed by the server
         nursery.cancel_scope.cancel()
@@ -111,7 +111,7 @@ async def test_emfile_is_waited_out(
     caplog.set_level(logging.ERROR, logger="trioproxy")
     listener = FakeListener(errors=[OSError(errno.EMFILE, "Too many open files")] * 3)
     held = HeldConnections()
-    limiter = trio.CapacityLimiter(10)
+    limiter = trio.Semaphore(10)
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
             serve_listeners_limited,
@@ -125,14 +125,14 @@ async def test_emfile_is_waited_out(
         await held.wait_for(1)
         assert trio.current_time() == pytest.approx(3 * ACCEPT_RETRY_SECONDS, abs=1e-9)
         assert len([r for r in caplog.records if "EMFILE" in r.getMessage()]) == 3
-        assert limiter.borrowed_tokens == 2  # one connection, one waiting accept
+        assert limiter.value == 10 - 2  # one connection, one waiting accept
         nursery.cancel_scope.cancel()
 
 
 async def test_other_accept_errors_propagate() -> None:
     """An accept error that is not about capacity is a real failure: raised."""
     listener = FakeListener(errors=[OSError(errno.EBADF, "Bad file descriptor")])
-    limiter = trio.CapacityLimiter(1)
+    limiter = trio.Semaphore(1)
     with pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
         async with trio.open_nursery() as nursery:
             serve = functools.partial(
@@ -158,7 +158,7 @@ async def test_loopback_limit_with_real_sockets() -> None:
             serve_listeners_limited,
             held.handle,
             listeners,
-            limiter=trio.CapacityLimiter(1),
+            limiter=trio.Semaphore(1),
             handler_nursery=nursery,
         )
         await nursery.start(serve)

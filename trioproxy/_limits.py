@@ -1,14 +1,17 @@
 """Connection limits: a bounded accept loop and the open-file limit.
 
 ``serve_listeners_limited`` is ``trio.serve_listeners`` with a
-``trio.CapacityLimiter``: each accept loop takes a slot *before* it accepts
+``trio.Semaphore``: each accept loop takes a slot *before* it accepts
 and hands it to the connection's handler, which gives it back when the
 connection ends. At the limit the loops stop calling ``accept``, so further
 connections wait in the kernel's listen backlog (and, past it, are refused by
 the kernel) instead of costing memory and descriptors here. With several
 listeners (IPv4 and IPv6) each loop may hold a slot while it waits in
 ``accept``; a held slot becomes a connection, so at most ``limit``
-connections are served however many listeners there are.
+connections are served however many listeners there are. (Not a
+``trio.CapacityLimiter``: it remembers every borrower in a set, and a set
+keeps the table of its peak size, 512 KiB after 5,000 connections; a
+semaphore only counts.)
 
 Like ``trio.serve_listeners``, the loop survives running out of file
 descriptors (EMFILE and friends): it logs and retries after a short sleep,
@@ -46,7 +49,7 @@ async def serve_listeners_limited(
     handler: Handler[StreamT],
     listeners: Sequence[trio.abc.Listener[StreamT]],
     *,
-    limiter: trio.CapacityLimiter,
+    limiter: trio.Semaphore,
     handler_nursery: trio.Nursery,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -67,21 +70,20 @@ async def serve_listeners_limited(
 async def _accept_loop(
     listener: trio.abc.Listener[StreamT],
     handler: Handler[StreamT],
-    limiter: trio.CapacityLimiter,
+    limiter: trio.Semaphore,
     handler_nursery: trio.Nursery,
 ) -> None:
     async with listener:
         while True:
-            slot = object()
-            await limiter.acquire_on_behalf_of(slot)
+            await limiter.acquire()
             handed_over = False
             try:
                 stream = await _accept(listener)
-                handler_nursery.start_soon(_run_handler, stream, handler, limiter, slot)
+                handler_nursery.start_soon(_run_handler, stream, handler, limiter)
                 handed_over = True
             finally:
                 if not handed_over:
-                    limiter.release_on_behalf_of(slot)
+                    limiter.release()
 
 
 async def _accept(listener: trio.abc.Listener[StreamT]) -> StreamT:
@@ -101,14 +103,12 @@ async def _accept(listener: trio.abc.Listener[StreamT]) -> StreamT:
             await trio.sleep(ACCEPT_RETRY_SECONDS)
 
 
-async def _run_handler(
-    stream: StreamT, handler: Handler[StreamT], limiter: trio.CapacityLimiter, slot: object
-) -> None:
+async def _run_handler(stream: StreamT, handler: Handler[StreamT], limiter: trio.Semaphore) -> None:
     try:
         await handler(stream)
     finally:
         await trio.aclose_forcefully(stream)
-        limiter.release_on_behalf_of(slot)
+        limiter.release()
 
 
 def raise_open_file_limit() -> int | None:

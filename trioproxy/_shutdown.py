@@ -108,7 +108,7 @@ async def serve_until_shutdown(
     Without a trigger it serves until cancelled. Cancelling it at any time
     closes the listeners and every connection at once.
     """
-    limiter = trio.CapacityLimiter(config.max_connections)
+    limiter = trio.Semaphore(config.max_connections)
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
             serve_all = functools.partial(
@@ -125,7 +125,7 @@ async def serve_until_shutdown(
         logger.info(
             "shutting down: stopped accepting; waiting up to %g s for %d connections",
             config.shutdown_timeout,
-            limiter.borrowed_tokens,
+            config.max_connections - limiter.value,
         )
         shutdown.begin()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
