@@ -25,11 +25,19 @@ close or two after the count drops, and after thousands closed at once some
 were measured still alive a second later. So trio's ``tasks_living`` is part
 of what the trimmer watches, and a trim follows once they are gone.
 
+What a trim alone could not return, each traced to the page it pinned
+(docs/memory.md, "After a load"): attribute names that CPython's type cache
+keeps alive (``release_type_cache_names``), chunks parked in glibc's
+per-thread cache (turned off by ``glibc_tunables`` at the re-exec), and the
+upstream pool's idle connections, closed seconds after the load (the trimmer
+watches the pool's idle count too).
+
 When: ``trim_heap_when_idle`` looks once per ``IDLE_CHECK_SECONDS``; when the
 proxy worked since the last trim (bytes relayed, connections opened or
-closed, tasks started or ended), nothing changed in the last interval and no
-payload bytes are held, it collects and trims once. These take a few
-milliseconds at our heap sizes, and an idle server never does it twice.
+closed, tasks started or ended, pooled connections closed), nothing but the
+pool changed in the last interval and no payload bytes are held, it collects
+and trims once. These take a few milliseconds at our heap sizes, and an idle
+server never does it twice.
 
 Small objects: CPython's own allocator (pymalloc) carves them out of 1 MiB
 arenas and returns an arena only when every object in it is dead. After a few
