@@ -40,7 +40,7 @@ from ._relay import BufferGauge
 logger = logging.getLogger("trioproxy.metrics")
 
 # RSS one more idle keep-alive client connection costs: socket, h11 state,
-# the handler's task. Measured by scripts/measure_overhead.py: 7.7-8.8 KiB
+# the handler's task. Measured by scripts/measure_overhead.py: 10.3-10.9 KiB
 # (docs/memory.md); rounded up.
 CONNECTION_OVERHEAD_BYTES = 12 * 1024
 # What an exchange in progress adds beyond the payload bytes the budget
