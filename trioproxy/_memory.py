@@ -133,10 +133,10 @@ def prepare_process_memory() -> None:
 
     Re-executes this process with ``PYTHONMALLOC=malloc`` and the tcache off
     (``glibc_tunables``), once, on glibc, unless PYTHONMALLOC is set (a user's
-    choice, or our own re-exec); then
-    freezes the objects that exist after start-up (modules, classes) so that
-    the cyclic GC never traverses them again: a full collection then costs
-    in proportion to the connections, not to the ~100,000 start-up objects.
+    choice, or our own re-exec); then freezes the objects that exist after
+    start-up (modules, classes) so that the cyclic GC never traverses them
+    again: a full collection then costs in proportion to the connections, not
+    to the ~100,000 start-up objects.
 
     Call it first thing in a command-line entry point, never in a library or
     a test: it replaces the running process (same PID, same arguments).
@@ -203,9 +203,9 @@ async def trim_heap_when_idle(
     """Run until cancelled; collect and trim once each time the proxy settles.
 
     "Settles" means: bytes were relayed or connections opened or closed since
-    the last trim, nothing changed during the last interval, and no payload
-    bytes are held. Closing thousands of idle connections is work to clean up
-    after as much as a download is.
+    the last trim, nothing but the pool changed during the last interval, and
+    no payload bytes are held. Closing thousands of idle connections is work
+    to clean up after as much as a download is.
 
     ``idle_upstreams`` counts the upstream pool's idle connections
     (``UpstreamPool.idle_count``). The pool closes them one by one for
