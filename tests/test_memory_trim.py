@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
+import h11
 import pytest
 import trio
 import trio.testing
 
 import trioproxy
-from trioproxy import _memory
+from trioproxy import _memory, _server
+
+from .helpers import UpstreamPort, read_h11_message, send_h11_message, start_proxy
 
 
 @pytest.fixture
@@ -137,3 +141,41 @@ def test_glibc_tunables_turn_the_tcache_off_and_keep_the_users(
     current: str | None, expected: str
 ) -> None:
     assert _memory.glibc_tunables(current) == expected
+
+
+async def test_the_server_shows_the_trimmer_its_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` hands the trimmer a count of the upstream pool's idle
+    connections: 1 once a reverse-proxied response is done, 0 once the
+    pool's idle timeout has closed it."""
+    counts: list[Callable[[], int]] = []
+
+    async def capture(meters: trioproxy.ProxyMeters, idle_upstreams: Callable[[], int]) -> None:
+        counts.append(idle_upstreams)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(_server, "trim_heap_when_idle", capture)
+    config = trioproxy.ProxyConfig(upstream="http://origin.test:9000", upstream_idle_timeout=0.2)
+    upstream = UpstreamPort()
+    with trio.fail_after(20):  # a bound on a hang, not a timing check
+        async with trio.open_nursery() as nursery:
+            port = await start_proxy(nursery, config, open_upstream=upstream.open_upstream)
+            (idle_upstreams,) = counts
+            assert idle_upstreams() == 0
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            conn = h11.Connection(h11.CLIENT)
+            request = h11.Request(method="GET", target="/", headers=[("Host", "a")])
+            await send_h11_message(client, conn, request)
+            origin = await upstream.accept()
+            origin_conn = h11.Connection(h11.SERVER)
+            await read_h11_message(origin, origin_conn)
+            response = h11.Response(status_code=200, headers=[("Content-Length", "2")])
+            await send_h11_message(origin, origin_conn, response, b"ok")
+            head, _ = await read_h11_message(client, conn)
+            assert isinstance(head, h11.Response)
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_upstreams() == 1
+            await trio.sleep(config.upstream_idle_timeout)  # its expiry has passed
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_upstreams() == 0
+            await client.aclose()
+            nursery.cancel_scope.cancel()
