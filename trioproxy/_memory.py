@@ -166,7 +166,9 @@ def release_type_cache_names() -> None:
     on a heap page that ``malloc_trim`` then cannot return (1.4 MiB). Clearing
     the cache frees them; it refills in microseconds.
     """
-    clear = getattr(sys, "_clear_type_cache", None)  # CPython's; documented in sys
+    # CPython's, documented in sys: _clear_internal_caches from 3.13, which
+    # deprecates _clear_type_cache (a DeprecationWarning from 3.14).
+    clear = getattr(sys, "_clear_internal_caches", None) or getattr(sys, "_clear_type_cache", None)
     if clear is not None:
         clear()
 
