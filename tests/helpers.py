@@ -87,6 +87,22 @@ async def send_h11_message(
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
 
+async def serve_one(
+    origin: trio.abc.Stream,
+    conn: h11.Connection,
+    body: bytes = b"ok",
+    headers: list[tuple[str, str]] | None = None,
+) -> h11.Request:
+    """Read one request on ``origin`` and answer it; returns the request."""
+    request, _ = await read_h11_message(origin, conn)
+    assert isinstance(request, h11.Request)
+    fields = [("Content-Length", str(len(body))), *(headers or [])]
+    await send_h11_message(origin, conn, h11.Response(status_code=200, headers=fields), body)
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+    return request
+
+
 async def serve_origin(
     respond: Callable[
         [h11.Request, bytes], Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]

@@ -13,7 +13,7 @@ import trio.testing
 import trioproxy
 from trioproxy import _memory, _server
 
-from .helpers import UpstreamPort, read_h11_message, send_h11_message, start_proxy
+from .helpers import UpstreamPort, read_h11_message, send_h11_message, serve_one, start_proxy
 
 
 @pytest.fixture
@@ -165,11 +165,7 @@ async def test_the_server_shows_the_trimmer_its_pool(monkeypatch: pytest.MonkeyP
             conn = h11.Connection(h11.CLIENT)
             request = h11.Request(method="GET", target="/", headers=[("Host", "a")])
             await send_h11_message(client, conn, request)
-            origin = await upstream.accept()
-            origin_conn = h11.Connection(h11.SERVER)
-            await read_h11_message(origin, origin_conn)
-            response = h11.Response(status_code=200, headers=[("Content-Length", "2")])
-            await send_h11_message(origin, origin_conn, response, b"ok")
+            await serve_one(await upstream.accept(), h11.Connection(h11.SERVER))
             head, _ = await read_h11_message(client, conn)
             assert isinstance(head, h11.Response)
             await trio.testing.wait_all_tasks_blocked()

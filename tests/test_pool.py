@@ -25,7 +25,7 @@ from trioproxy._h11_io import UpstreamEndpoint
 from trioproxy._http import request_has_body
 from trioproxy._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
 
-from .helpers import UpstreamPort, read_h11_message, send_h11_message, start_proxy
+from .helpers import UpstreamPort, read_h11_message, send_h11_message, serve_one, start_proxy
 
 REVERSE = trioproxy.ProxyConfig(upstream="http://origin.test:9000")
 
@@ -86,22 +86,6 @@ async def running_proxy(
     ):
         yield Proxy(nursery, port if port is not None else UpstreamPort(), pool)
         nursery.cancel_scope.cancel()
-
-
-async def serve_one(
-    origin: trio.abc.Stream,
-    conn: h11.Connection,
-    body: bytes = b"ok",
-    headers: list[tuple[str, str]] | None = None,
-) -> h11.Request:
-    """Read one request on ``origin`` and answer it; returns the request."""
-    request, _ = await read_h11_message(origin, conn)
-    assert isinstance(request, h11.Request)
-    fields = [("Content-Length", str(len(body))), *(headers or [])]
-    await send_h11_message(origin, conn, h11.Response(status_code=200, headers=fields), body)
-    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-        conn.start_next_cycle()
-    return request
 
 
 async def test_sequential_requests_reuse_one_upstream_connection() -> None:
