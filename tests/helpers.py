@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 import trioproxy
+from trioproxy._endpoint import UpstreamEndpoint
 from trioproxy._server import serve
 
 Handler = Callable[[trio.abc.Stream, h11.Request, h11.Connection, list[bytes]], Awaitable[None]]
@@ -193,3 +194,38 @@ def pattern(size: int) -> bytes:
 # --connect-ports (443 only) refuses; CONNECT tests through the real server
 # allow every port.
 LOOPBACK_TEST_PORTS = "1-65535"
+
+
+GET = h11.Request(method="GET", target="/", headers=[("Host", "origin")])
+
+
+async def upstream_endpoint_with(
+    response: bytes,
+    *,
+    stream: trio.abc.Stream | None = None,
+    read_size: int = 1024,
+    request: h11.Request = GET,
+    read_all: bool = False,
+    eof: bool = False,
+) -> UpstreamEndpoint:
+    """An upstream endpoint that sent ``request`` whole and received ``response``.
+
+    On ``stream`` if given (the caller delivers the response), else on an
+    in-memory pair whose far end sends ``response`` (then EOF if ``eof``).
+    Reads up to the response head; with ``read_all``, every event h11 can make
+    of one more read, without reading again (as after a complete exchange).
+    """
+    if stream is None:
+        stream, origin = trio.testing.memory_stream_pair()
+        await origin.send_all(response)
+        if eof:
+            await origin.send_eof()
+    endpoint = UpstreamEndpoint(stream, read_size=read_size, max_head_size=64 * 1024)
+    await endpoint.send_head(request, end=True)
+    if read_all:
+        await endpoint.receive_once()
+        while endpoint.next_event_nowait() not in (h11.NEED_DATA, h11.PAUSED):
+            pass
+    else:
+        assert isinstance(await endpoint.next_event(), h11.Response)
+    return endpoint

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._server import handle_connection
+from trioproxy._connection import handle_connection
 
 from .helpers import UpstreamPort
 

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioproxy
-from trioproxy._server import handle_connection
+from trioproxy._connection import handle_connection
 
 from .helpers import UpstreamPort
 

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._server import handle_connection
+from trioproxy._connection import handle_connection
 
 from .helpers import UpstreamPort, read_h11_message, start_proxy
 

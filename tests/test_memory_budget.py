@@ -16,9 +16,10 @@ import trio
 import trio.testing
 
 import trioproxy
+from trioproxy._body import pump_body
 from trioproxy._budget import MemoryBudget
-from trioproxy._h11_io import ClientEndpoint, UpstreamEndpoint
-from trioproxy._relay import relay, relay_body
+from trioproxy._endpoint import ClientEndpoint, UpstreamEndpoint
+from trioproxy._relay import BufferGauge, Progress, relay
 
 from .helpers import UpstreamPort, read_h11_message, send_h11_message
 
@@ -188,14 +189,19 @@ async def test_body_events_larger_than_read_size_are_split() -> None:
     budget = MemoryBudget(4 * KiB)
     client_stream, proxy_stream = trio.testing.memory_stream_pair()
     upstream_stream, origin_stream = trio.testing.memory_stream_pair()
-    source = ClientEndpoint(proxy_stream, h11.Connection(h11.SERVER), read_size=KiB)
+    # A read size that takes the whole request in one read: all of the body
+    # is buffered in h11 before the body relay, as one Data event.
+    source = ClientEndpoint(proxy_stream, read_size=8 * KiB, max_head_size=64 * KiB)
     head = b"POST / HTTP/1.1\r\nHost: o\r\nContent-Length: 5000\r\n\r\n"
-    source.conn.receive_data(head + body)  # all buffered before the body relay
+    await client_stream.send_all(head + body)
     assert isinstance(await source.next_event(), h11.Request)
-    sink = UpstreamEndpoint(upstream_stream, h11.Connection(h11.CLIENT), read_size=KiB)
+    source.read_size = KiB  # the chunk size of the relay from here on
+    sink = UpstreamEndpoint(upstream_stream, read_size=KiB, max_head_size=64 * KiB)
     headers = [("Host", "o"), ("Content-Length", "5000")]
-    await sink.send(h11.Request(method="POST", target="/", headers=headers))
-    statistics = await relay_body(source, sink, buffer_chunks=2, budget=budget)
+    await sink.send_head(h11.Request(method="POST", target="/", headers=headers))
+    statistics = await pump_body(
+        source, sink, buffer_chunks=2, gauge=BufferGauge(), progress=Progress(), budget=budget
+    )
     assert statistics.bytes_relayed == len(body)
     assert statistics.chunks_relayed == 5  # 1024 x 4 + 904
     assert budget.statistics().peak <= 4 * KiB

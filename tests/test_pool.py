@@ -21,11 +21,19 @@ import trio.testing
 
 import trioproxy
 from trioproxy._cli import build_parser, config_from_args
-from trioproxy._h11_io import UpstreamEndpoint
+from trioproxy._endpoint import UpstreamEndpoint
+from trioproxy._exchange import may_pool, may_retry
 from trioproxy._http import request_has_body
-from trioproxy._pool import PooledUpstream, UpstreamPool, may_retry, open_upstream_pool
+from trioproxy._pool import PooledUpstream, UpstreamPool, open_upstream_pool
 
-from .helpers import UpstreamPort, read_h11_message, send_h11_message, serve_one, start_proxy
+from .helpers import (
+    UpstreamPort,
+    read_h11_message,
+    send_h11_message,
+    serve_one,
+    start_proxy,
+    upstream_endpoint_with,
+)
 
 REVERSE = trioproxy.ProxyConfig(upstream="http://origin.test:9000")
 
@@ -262,32 +270,37 @@ async def test_cancelling_the_server_closes_every_pooled_connection() -> None:
     assert proxy.pool.idle_count == 0
     for origin in origins:
         assert await origin.receive_some() == b""
-    await proxy.pool.release(PooledUpstream(endpoint_on(trio.testing.memory_stream_pair()), "h", 1))
+    await proxy.pool.release(
+        PooledUpstream(endpoint_on(trio.testing.memory_stream_pair()), "h", 1), reusable=True
+    )
     assert proxy.pool.idle_count == 0  # a closed pool keeps nothing
 
 
 def endpoint_on(pair: tuple[trio.abc.Stream, trio.abc.Stream]) -> UpstreamEndpoint:
     """A fresh upstream endpoint on the first stream of ``pair``."""
-    return UpstreamEndpoint(pair[0], h11.Connection(h11.CLIENT), read_size=1024)
+    return UpstreamEndpoint(pair[0], read_size=1024, max_head_size=64 * 1024)
 
 
-def done_endpoint(
-    response_headers: list[tuple[str, str]], stream: trio.abc.Stream | None = None
+async def done_endpoint(
+    response_headers: list[tuple[str, str]],
+    pair: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
 ) -> UpstreamEndpoint:
-    """An endpoint (on ``stream``, else an in-memory one) whose h11 state went
-    through one GET and one response."""
-    pair = (stream, stream) if stream is not None else trio.testing.memory_stream_pair()
-    endpoint = endpoint_on(pair)
-    conn = endpoint.conn
-    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
-    conn.send(h11.EndOfMessage())
-    head = b"HTTP/1.1 200 OK\r\n" + b"".join(
-        f"{name}: {value}\r\n".encode() for name, value in response_headers
+    """An endpoint (on ``pair``'s first stream, else an in-memory one) that went
+    through one GET and one response (whose body is "ok")."""
+    response = (
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(f"{name}: {value}\r\n".encode() for name, value in response_headers)
+        + b"\r\nok"
     )
-    conn.receive_data(head + b"\r\nok")
-    while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
-        pass
-    return endpoint
+    if pair is None:
+        return await upstream_endpoint_with(response, read_all=True)
+    await pair[1].send_all(response)
+    return await upstream_endpoint_with(b"", stream=pair[0], read_all=True)
+
+
+async def release(pool: UpstreamPool, endpoint: UpstreamEndpoint, port: int = 1) -> None:
+    """Give ``endpoint`` back as an exchange that raised nothing does."""
+    await pool.release(PooledUpstream(endpoint, "h", port), reusable=may_pool(endpoint))
 
 
 def test_may_retry_only_idempotent_bodiless_requests_on_reused_connections() -> None:
@@ -319,8 +332,7 @@ def test_request_has_body_follows_the_framing_fields() -> None:
 async def test_pool_size_zero_keeps_nothing() -> None:
     """``max_idle=0`` turns pooling off: a released connection is closed."""
     pool = UpstreamPool(max_idle=0)
-    endpoint = done_endpoint([("Content-Length", "2")])
-    await pool.release(PooledUpstream(endpoint, "h", 1))
+    await release(pool, await done_endpoint([("Content-Length", "2")]))
     assert pool.idle_count == 0
     assert await pool.checkout("h", 1) is None
 
@@ -329,17 +341,17 @@ async def test_release_checks_h11_states_and_leftover_bytes() -> None:
     """Only DONE/DONE with nothing received past the response is pooled;
     MUST_CLOSE and trailing junk are closed. Checkout matches host and port."""
     pool = UpstreamPool(max_idle=4)
-    await pool.release(PooledUpstream(done_endpoint([("Connection", "close")]), "h", 1))
-    junk = done_endpoint([("Content-Length", "1")])  # "k" is left over
-    await pool.release(PooledUpstream(junk, "h", 1))
+    await release(pool, await done_endpoint([("Connection", "close")]))
+    junk = await done_endpoint([("Content-Length", "1")])  # "k" is left over
+    await release(pool, junk)
     assert pool.idle_count == 0
-    await pool.release(PooledUpstream(done_endpoint([("Content-Length", "2")]), "h", 1))
+    await release(pool, await done_endpoint([("Content-Length", "2")]))
     assert pool.idle_count == 1
     assert await pool.checkout("h", 2) is None
     taken = await pool.checkout("h", 1)
     assert taken is not None
     assert taken.reused
-    assert taken.endpoint.conn.our_state is h11.IDLE
+    assert not taken.endpoint.both_done  # a new cycle: h11 IDLE again
 
 
 async def test_checkout_skips_every_closed_idle_connection() -> None:
@@ -347,9 +359,8 @@ async def test_checkout_skips_every_closed_idle_connection() -> None:
     newest first, and returns the newest live one."""
     pool = UpstreamPool(max_idle=4)
     pairs = [socket_stream_pair() for _ in range(3)]
-    for proxy_side, _ in pairs:
-        endpoint = done_endpoint([("Content-Length", "2")], stream=proxy_side)
-        await pool.release(PooledUpstream(endpoint, "h", 1))
+    for pair in pairs:
+        await release(pool, await done_endpoint([("Content-Length", "2")], pair))
     await pairs[1][1].aclose()
     await pairs[2][1].aclose()
     taken = await pool.checkout("h", 1)

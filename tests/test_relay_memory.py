@@ -12,15 +12,17 @@ from __future__ import annotations
 import weakref
 from typing import cast
 
-import h11
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trioproxy._body import BodyReader
 from trioproxy._budget import MemoryBudget
-from trioproxy._h11_io import UpstreamEndpoint
-from trioproxy._relay import BodyReader, BufferGauge, PendingBody, Pump
+from trioproxy._endpoint import UpstreamEndpoint
+from trioproxy._relay import BufferGauge, PendingBody, Pump
+
+from .helpers import upstream_endpoint_with
 
 # The longest framing h11 may keep between two reads of a chunked body: the
 # CRLF closing a chunk plus an incomplete chunk-size line ("ffffffff" + CR).
@@ -149,15 +151,7 @@ def _chunked_response(sizes: list[int]) -> tuple[bytes, bytes]:
 
 
 async def _upstream_with_response(wire: bytes, read_size: int) -> UpstreamEndpoint:
-    proxy_side, origin_side = trio.testing.memory_stream_pair()
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "origin")]))
-    conn.send(h11.EndOfMessage())
-    await origin_side.send_all(wire)
-    await origin_side.send_eof()
-    upstream = UpstreamEndpoint(proxy_side, conn, read_size=read_size)
-    assert isinstance(await upstream.next_event(), h11.Response)
-    return upstream
+    return await upstream_endpoint_with(wire, read_size=read_size, eof=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,8 +172,7 @@ def test_body_reader_leaves_no_body_bytes_in_h11(sizes: list[int], read_size: in
         while chunk := await reader.read():
             assert len(chunk) <= read_size
             received += chunk
-            unparsed, _closed = upstream.conn.trailing_data
-            assert len(unparsed) <= MAX_FRAMING_LEFT
+            assert upstream.unparsed_size <= MAX_FRAMING_LEFT
         assert bytes(received) == body
         assert await reader.read() == b""
 
@@ -194,8 +187,7 @@ async def test_body_reader_joins_small_chunks_into_one_read() -> None:
     reader = BodyReader(upstream, 16384)
     first = await reader.read()
     assert len(first) > 10_000
-    unparsed, _closed = upstream.conn.trailing_data
-    assert len(unparsed) <= MAX_FRAMING_LEFT
+    assert upstream.unparsed_size <= MAX_FRAMING_LEFT
     rest = bytearray()
     while chunk := await reader.read():
         rest += chunk

@@ -11,7 +11,7 @@ import trio.testing
 
 from trioproxy import _scratch
 from trioproxy._config import KiB
-from trioproxy._h11_io import UpstreamEndpoint
+from trioproxy._endpoint import UpstreamEndpoint
 
 
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -92,9 +92,10 @@ async def test_only_plain_sockets_read_through_the_scratch_buffer() -> None:
     assert _scratch.scratch_socket(memory_stream) is None
     writer, reader = socket_pair()
     assert _scratch.scratch_socket(reader) is reader.socket
-    endpoint = UpstreamEndpoint(reader, h11.Connection(h11.CLIENT), read_size=KiB)
-    await endpoint.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-    await endpoint.send(h11.EndOfMessage())
+    endpoint = UpstreamEndpoint(reader, read_size=KiB, max_head_size=64 * KiB)
+    await endpoint.send_head(
+        h11.Request(method="GET", target="/", headers=[("Host", "x")]), end=True
+    )
     await writer.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     event = await endpoint.next_event()
     assert isinstance(event, h11.Response)

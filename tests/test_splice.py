@@ -1,7 +1,7 @@
 """The zero-copy path: splice(2) for tunnels and large Content-Length bodies.
 
 splice needs real sockets, so besides the plain sync tests of the choices
-(``can_splice``, ``content_length_body``, pipe sizing) these run on loopback
+(``can_splice``, ``response_content_length``, pipe sizing) these run on loopback
 (127.0.0.1) TCP connections. Which path ran is checked by the proxy's meters:
 the channel relay counts the payload bytes it holds in user space, and the
 splice path holds none, so its peak stays 0.
@@ -26,12 +26,11 @@ import trio.testing
 import trustme
 
 import trioproxy
-from trioproxy._body_splice import content_length_body, content_length_request_body
 from trioproxy._cli import build_parser, config_from_args
 from trioproxy._config import KiB, MiB
-from trioproxy._h11_io import UpstreamEndpoint
+from trioproxy._exchange import may_pool
+from trioproxy._http import request_content_length, response_content_length
 from trioproxy._metrics import ProxyMeters
-from trioproxy._pool import is_reusable
 from trioproxy._relay import Progress
 from trioproxy._splice import (
     SPLICE_MIN_BODY,
@@ -46,7 +45,7 @@ from trioproxy._splice import (
     splice_supported,
 )
 
-from .helpers import LOOPBACK_TEST_PORTS, pattern, start_proxy
+from .helpers import LOOPBACK_TEST_PORTS, pattern, start_proxy, upstream_endpoint_with
 from .streaming_origin import (
     REJECT_BODY,
     OriginLog,
@@ -72,14 +71,14 @@ def response(headers: list[tuple[str, str]], status: int = 200) -> h11.Response:
     return h11.Response(status_code=status, headers=headers)
 
 
-def test_content_length_body_only_for_content_length_framed_bodies() -> None:
+def test_response_content_length_only_for_content_length_framed_bodies() -> None:
     """Only a response framed by one Content-Length, with a body, has a length to splice."""
-    assert content_length_body(b"GET", response([("Content-Length", "5000000")])) == 5_000_000
-    assert content_length_body(b"HEAD", response([("Content-Length", "5000000")])) is None
+    assert response_content_length(b"GET", response([("Content-Length", "5000000")])) == 5_000_000
+    assert response_content_length(b"HEAD", response([("Content-Length", "5000000")])) is None
     for status in (204, 304):
-        assert content_length_body(b"GET", response([("Content-Length", "9")], status)) is None
-    assert content_length_body(b"GET", response([("Transfer-Encoding", "chunked")])) is None
-    assert content_length_body(b"GET", response([])) is None  # close-delimited
+        assert response_content_length(b"GET", response([("Content-Length", "9")], status)) is None
+    assert response_content_length(b"GET", response([("Transfer-Encoding", "chunked")])) is None
+    assert response_content_length(b"GET", response([])) is None  # close-delimited
 
 
 def test_pipe_size_is_the_buffer_bound_in_pages_capped_by_the_system() -> None:
@@ -473,31 +472,26 @@ def request(headers: list[tuple[str, str]]) -> h11.Request:
     return h11.Request(method="POST", target="/", headers=[("Host", "x"), *headers])
 
 
-def test_content_length_request_body_only_for_content_length_framed_requests() -> None:
+def test_request_content_length_only_for_content_length_framed_requests() -> None:
     """Only a request framed by one Content-Length, and not asking for an
     Upgrade (a 101 needs h11 to have seen the whole request), has a length
     to splice."""
-    assert content_length_request_body(request([("Content-Length", "5000000")])) == 5_000_000
-    assert content_length_request_body(request([("Transfer-Encoding", "chunked")])) is None
-    assert content_length_request_body(request([])) is None
+    assert request_content_length(request([("Content-Length", "5000000")])) == 5_000_000
+    assert request_content_length(request([("Transfer-Encoding", "chunked")])) is None
+    assert request_content_length(request([])) is None
     upgrade = [("Content-Length", "5000000"), ("Connection", "upgrade"), ("Upgrade", "x")]
-    assert content_length_request_body(request(upgrade)) is None
+    assert request_content_length(request(upgrade)) is None
 
 
-def test_pool_refuses_a_connection_whose_body_was_spliced() -> None:
+async def test_pool_refuses_a_connection_whose_body_was_spliced() -> None:
     """An upstream connection on which both messages ended (h11 DONE both
     ways, as after a spliced upload: the passthrough counted the bytes) is
     reusable, unless a body went by splice on it."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    assert isinstance(conn.next_event(), h11.Response)
-    assert isinstance(conn.next_event(), h11.EndOfMessage)
-    endpoint = UpstreamEndpoint(trio.testing.memory_stream_pair()[0], conn, read_size=KiB)
-    assert is_reusable(endpoint)
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    endpoint = await upstream_endpoint_with(response, read_all=True)
+    assert may_pool(endpoint)
     endpoint.body_spliced = True
-    assert not is_reusable(endpoint)
+    assert not may_pool(endpoint)
 
 
 async def send_upload(

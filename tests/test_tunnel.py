@@ -21,10 +21,10 @@ import trio.testing
 import trustme
 
 import trioproxy
+from trioproxy._connection import handle_connection
 from trioproxy._errors import BadGateway, BadRequest
 from trioproxy._http import connect_target
 from trioproxy._metrics import ProxyMeters
-from trioproxy._server import handle_connection
 from trioproxy._tunnel import Tunnel, TunnelStatistics, tunnel
 
 from .helpers import (

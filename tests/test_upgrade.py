@@ -26,8 +26,8 @@ from wsproto.events import (
 )
 
 import trioproxy
+from trioproxy._connection import handle_connection
 from trioproxy._http import upgrade_fields, upstream_request_headers
-from trioproxy._server import handle_connection
 
 from .helpers import UpstreamPort, read_h11_message, send_h11_message
 

@@ -19,6 +19,7 @@ from ._budget import BudgetStatistics as BudgetStatistics
 from ._budget import MemoryBudget as MemoryBudget
 from ._config import ProxyConfig as ProxyConfig
 from ._config import Upstream as Upstream
+from ._connection import handle_connection as handle_connection
 from ._errors import ProxyError as ProxyError
 from ._metrics import ProxyMeters as ProxyMeters
 from ._pool import UpstreamPool as UpstreamPool
@@ -26,7 +27,6 @@ from ._pool import open_upstream_pool as open_upstream_pool
 from ._relay import BufferGauge as BufferGauge
 from ._relay import RelayStatistics as RelayStatistics
 from ._relay import relay as relay
-from ._server import handle_connection as handle_connection
 from ._server import serve as serve
 from ._shutdown import Shutdown as Shutdown
 from ._tunnel import Tunnel as Tunnel

@@ -29,6 +29,7 @@ import trio
 
 from ._errors import ClientGone, ProxyError
 from ._relay import Progress
+from ._tunnel import TunnelStatistics
 
 access_logger = logging.getLogger("trioproxy.access")
 
@@ -81,6 +82,14 @@ class AccessRecord:
             self.reason = error.message
         else:
             self.reason = f"response aborted: {error.message}"
+
+    def set_tunnel(self, statistics: TunnelStatistics) -> None:
+        """Record what a tunnel carried: bytes each way (client to upstream is
+        ``bytes_in``), and why it broke off, if it did."""
+        self.request_body.bytes_read += statistics.a_to_b.bytes_relayed
+        self.response_body.bytes_written += statistics.b_to_a.bytes_relayed
+        if statistics.error is not None:
+            self.reason = f"tunnel ended: {statistics.error}"
 
     def fields(self, now: float) -> dict[str, Any]:
         """The log fields, in order, with the duration up to ``now``."""

@@ -9,7 +9,20 @@ ours.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
+
+import trio
+
+# What a broken, reset or already-closed stream raises in trio: every place
+# that reads or writes a peer's stream catches exactly these, and translates
+# them at that boundary (``_endpoint`` for HTTP, ``_tunnel`` for raw bytes).
+STREAM_ERRORS: tuple[type[Exception], ...] = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
 
 
 class ProxyError(Exception):
@@ -135,3 +148,19 @@ def error_for_status(status_code: int, message: str) -> ProxyError:
     Used to translate h11's ``error_status_hint`` into our hierarchy.
     """
     return _BY_STATUS.get(status_code, BadRequest)(message)
+
+
+@contextmanager
+def collapse_single_error() -> Iterator[None]:
+    """Raise a nursery's lone exception as itself rather than in a group.
+
+    Our nurseries are an implementation detail: callers catch ``ProxyError``,
+    not ``ExceptionGroup[ProxyError]``. A group of several errors is raised
+    unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

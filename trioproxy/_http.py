@@ -304,3 +304,41 @@ def request_has_body(request: h11.Request) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
+
+
+# Statuses whose responses never have a body (RFC 9110 6.4.1), whatever
+# Content-Length says.
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def response_content_length(method: bytes, response: h11.Response) -> int | None:
+    """The body length of ``response`` if it is framed by Content-Length, else None.
+
+    None for responses that have no body (to HEAD, 204, 304), for chunked or
+    close-delimited ones, and for anything h11 would not frame by one
+    Content-Length value.
+    """
+    if method == b"HEAD" or response.status_code in _NO_BODY_STATUSES:
+        return None
+    return _content_length(response.headers)
+
+
+def request_content_length(request: h11.Request) -> int | None:
+    """The body length of ``request`` if it is framed by Content-Length, else None.
+
+    None for chunked requests, requests without a body, and for an Upgrade
+    request: a 101 answer needs h11 to have seen the whole request
+    (``their_state`` DONE), which a spliced body never lets it see.
+    """
+    if upgrade_fields(request.headers.raw_items()):
+        return None
+    return _content_length(request.headers)
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    lengths = [value for name, value in headers if name == b"content-length"]
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return None
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        return None
+    return int(lengths[0])

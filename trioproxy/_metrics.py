@@ -35,6 +35,8 @@ import trio
 
 from ._budget import BudgetStatistics, MemoryBudget
 from ._config import ProxyConfig
+from ._endpoint import ClientEndpoint
+from ._errors import ClientGone, ProxyError
 from ._relay import BufferGauge
 
 logger = logging.getLogger("trioproxy.metrics")
@@ -264,10 +266,10 @@ async def serve_metrics(
 
 async def answer_scrape(stream: trio.abc.Stream, meters: ProxyMeters, *, baseline_rss: int) -> None:
     """Read one request from ``stream`` and answer it; errors end quietly."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_SCRAPE_HEAD)
+    scraper = ClientEndpoint(stream, read_size=MAX_SCRAPE_HEAD, max_head_size=MAX_SCRAPE_HEAD)
     try:
-        request = await _read_request(stream, conn)
-        if request is None:
+        request = await scraper.next_event()
+        if not isinstance(request, h11.Request):
             return
         status, content_type, body = _route(request, meters, baseline_rss)
         headers = [
@@ -275,22 +277,11 @@ async def answer_scrape(stream: trio.abc.Stream, meters: ProxyMeters, *, baselin
             (b"Content-Length", str(len(body)).encode()),
             (b"Connection", b"close"),
         ]
-        data = conn.send(h11.Response(status_code=status, headers=headers))
-        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
-    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        await scraper.send_head(
+            h11.Response(status_code=status, headers=headers), body=body, end=True
+        )
+    except (ProxyError, ClientGone) as exc:
         logger.debug("metrics scrape failed: %r", exc)
-
-
-async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(MAX_SCRAPE_HEAD)))
-        elif isinstance(event, h11.Request):
-            return event
-        else:
-            return None
 
 
 def _route(

@@ -6,34 +6,20 @@ time connecting than relaying. So an upstream connection whose exchange ended
 cleanly goes back to a pool, and the next request to the same host and port
 takes it instead of connecting.
 
-When a connection may be reused, and only then:
-
-* h11 says both messages ended: ``our_state`` and ``their_state`` are both
-  ``DONE`` (then ``start_next_cycle``). That excludes a response that was
-  not read to its end, an upload left unfinished, a failed or cancelled
-  write (``ERROR``), an upstream that asked to close (``Connection: close``
-  or an HTTP/1.0 response: ``MUST_CLOSE``) and a switched protocol (a 101
-  makes both sides ``SWITCHED_PROTOCOL``; CONNECT tunnels never come here).
-  A rejected Upgrade (the upstream answered 200 rather than 101) leaves a
-  plain HTTP/1.1 connection, and h11 lets it cycle.
-* No body went by splice on it (``body_spliced``): issue 5's rule. A
-  spliced upload leaves h11 ``DONE`` on both sides (the passthrough counted
-  the bytes), so the flag, not the state, is what refuses it.
-* Nothing was received past the response: bytes the upstream sent
-  unasked are junk or the start of an error; the connection is discarded.
-* The exchange ended without an exception; the server closes the
-  connection of a failed exchange itself, whatever h11 says.
-* At checkout, the socket is not readable: an idle connection that is
-  readable has EOF (the origin closed it), a reset, or junk. The check is
-  one ``poll(2)`` with a zero timeout. It applies to ``trio.SocketStream``;
-  other streams (in-memory, TLS) cannot be checked without reading and are
-  taken as alive.
+Whether a connection may go back is the exchange's decision
+(``_exchange.may_pool``): both messages ended, no body went by splice,
+nothing was received past the response, and the exchange raised nothing.
+The pool adds one check of its own, at checkout: the socket is not readable.
+An idle connection that is readable has EOF (the origin closed it), a reset,
+or junk. The check is one ``poll(2)`` with a zero timeout. It applies to
+``trio.SocketStream``; other streams (in-memory, TLS) cannot be checked
+without reading and are taken as alive.
 
 The check and the request cannot be atomic: an origin may close an idle
 connection just after we looked. Such a request fails before a byte of the
 response came; the server retries it once on a new connection when that is
 safe (a reused connection, an idempotent method without a body, see
-``may_retry``), as nginx's ``proxy_next_upstream error`` does. The idle
+``_exchange.may_retry``), as nginx's ``proxy_next_upstream error`` does. The idle
 timeout, shorter than the origins' keep-alive timeouts, keeps that race rare.
 
 Idle connections are closed after ``idle_timeout`` seconds by a reaper task
@@ -52,18 +38,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import attrs
-import h11
 import trio
 
-from ._h11_io import UpstreamEndpoint
+from ._endpoint import UpstreamEndpoint
 
 logger = logging.getLogger("trioproxy")
-
-# Methods whose request may be sent twice without changing the outcome and
-# that we retry on a new connection when a reused one was closed in a race
-# (RFC 9110 9.2.2 idempotent methods, minus PUT and DELETE, which carry or
-# imply state changes we would rather not repeat without a body check).
-RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 # The most time closing the idle connections may take when the pool closes.
 # ``aclose_forcefully`` never waits for a peer, so this only bounds a stream
@@ -93,34 +72,6 @@ class PooledUpstream:
     idle_since: float = 0.0
 
 
-def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool) -> bool:
-    """Whether a request that failed on ``upstream`` may be sent again on a new one.
-
-    Only when the connection was reused (a new one failing will fail again),
-    the method is idempotent and safe to repeat, the request has no body (it
-    was read from the client once and is gone), and not a byte of the
-    response arrived (nothing was passed to the client).
-    """
-    return (
-        upstream.reused
-        and not has_body
-        and request.method in RETRY_SAFE_METHODS
-        and upstream.endpoint.bytes_received == upstream.bytes_before
-    )
-
-
-def is_reusable(endpoint: UpstreamEndpoint) -> bool:
-    """True when both messages ended, the upstream allows another, no body
-    went by splice, and nothing was received past the response."""
-    if endpoint.body_spliced:
-        return False
-    conn = endpoint.conn
-    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-        return False
-    data, closed = conn.trailing_data
-    return not data and not closed
-
-
 def looks_closed(stream: trio.abc.Stream) -> bool:
     """True when an idle socket is readable: EOF, a reset, or junk is waiting.
 
@@ -142,7 +93,7 @@ class UpstreamPool:
     when released).
 
     Memory: at most ``max_idle`` idle connections, each one socket and one
-    ``h11.Connection`` whose receive buffer is empty (``is_reusable``
+    ``h11.Connection`` whose receive buffer is empty (``_exchange.may_pool``
     requires it), so a few KiB of Python objects and one file descriptor
     each, plus the kernel's socket buffers.
 
@@ -189,15 +140,16 @@ class UpstreamPool:
                 return candidate
         return None
 
-    async def release(self, upstream: PooledUpstream) -> None:
-        """Keep ``upstream`` for the next request if ``is_reusable``, else close it.
+    async def release(self, upstream: PooledUpstream, *, reusable: bool) -> None:
+        """Keep ``upstream`` for the next request if ``reusable``, else close it.
 
-        Call only after an exchange that ended without an exception.
+        The exchange decides ``reusable`` (``_exchange.may_pool``); the pool
+        only adds its own reasons to close: it is closed, or pools nothing.
         """
-        if self._closed or self.max_idle == 0 or not is_reusable(upstream.endpoint):
+        if self._closed or self.max_idle == 0 or not reusable:
             await trio.aclose_forcefully(upstream.endpoint.stream)
             return
-        upstream.endpoint.conn.start_next_cycle()
+        upstream.endpoint.reuse()
         upstream.idle_since = trio.current_time()
         self._idle.append(upstream)
         if len(self._idle) > self.max_idle:

@@ -31,16 +31,14 @@ about one chunk per connection outside the budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 import attrs
-import h11
 import trio
 
 from ._budget import BudgetAccount, MemoryBudget
 from ._config import DEFAULT_BUFFER_CHUNKS, DEFAULT_READ_SIZE
-from ._h11_io import H11Endpoint
+from ._errors import collapse_single_error
 
 # A chunk of payload: bytes from a stream, or the bytearray h11 extracted for a
 # Data event (typed bytes by h11), handed on as it is: a copy would only double
@@ -317,22 +315,6 @@ class Pump:
         self.progress.moved()
 
 
-@contextmanager
-def collapse_single_error() -> Iterator[None]:
-    """Raise a nursery's lone exception as itself rather than in a group.
-
-    Our nurseries are an implementation detail: callers catch ``ProxyError``,
-    not ``ExceptionGroup[ProxyError]``. A group of several errors is raised
-    unchanged.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 async def relay(
     source: trio.abc.ReceiveStream,
     sink: trio.abc.SendStream,
@@ -400,182 +382,3 @@ def chunking_for(max_buffer_bytes: int, read_size: int) -> tuple[int, int]:
         raise ValueError(f"max_buffer_bytes must be at least 3, got {max_buffer_bytes}")
     read_size = min(read_size, max_buffer_bytes // 3)
     return read_size, max_buffer_bytes // read_size - 2
-
-
-async def relay_body(
-    source: H11Endpoint,
-    sink: H11Endpoint,
-    *,
-    buffer_chunks: int,
-    gauge: BufferGauge | None = None,
-    budget: MemoryBudget | None = None,
-    progress: Progress | None = None,
-    head: h11.Response | None = None,
-    first_chunk: PendingBody | None = None,
-) -> RelayStatistics:
-    """Pump one message body from ``source`` to ``sink``, then end the message.
-
-    h11 parses the body on the source side and frames it anew on the sink side
-    (Content-Length, chunked, or close-delimited as the sink's hop needs).
-    Trailers are dropped, as hop-by-hop ``Trailer`` is.
-
-    ``head``, if given, is sent first. When ``source`` has already received
-    the whole body (a 1 KiB response usually comes in the read that brought
-    its head), head, body and end go out in one ``send_all`` and no pump,
-    nursery or task is started (``send_buffered``).
-
-    Memory: the same bound as ``relay``, with ``source.read_size`` as the
-    chunk size (``BodyReader``: each read takes out every body byte h11
-    holds, so none waits in h11's buffer outside the budget). Before the
-    pump starts, at most what h11 had already received is held; that first
-    chunk is written first and freed then (``PendingBody``).
-
-    Raises:
-        ProxyError or ClientGone: from either side, as its endpoint translates
-        them. If the source fails, the sink's message is left unfinished, so
-        the receiver can tell the body is incomplete.
-
-    Args:
-        source: the endpoint whose message body is read.
-        sink: the endpoint whose message body is written.
-        buffer_chunks: the pump's channel capacity N.
-        gauge: a shared counter of bytes held.
-        budget: the global memory budget each read reserves from, if any.
-        progress: updated as chunks move (see ``Progress``).
-        head: the message head to send before the body.
-        first_chunk: body bytes a caller's own ``send_buffered`` pulled and
-            left on ``gauge`` (without ``head``); relayed first.
-    """
-    progress = progress if progress is not None else Progress()
-    gauge = gauge if gauge is not None else BufferGauge()
-    pending = first_chunk
-    if head is not None:
-        pending, ended = await send_buffered(source, sink, head, gauge=gauge, progress=progress)
-        if ended:
-            sent = progress.bytes_written
-            return RelayStatistics(sent, int(sent > 0), 0, 0.0, 0, buffer_chunks)
-
-    limit = source.read_size
-    read = BodyReader(source, limit).read
-
-    async def write(chunk: Chunk) -> None:
-        await sink.send(h11.Data(data=chunk))
-
-    pump = Pump(
-        buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=limit, progress=progress
-    )
-    statistics = await pump.run(read, write, pending)
-    await sink.send(h11.EndOfMessage())
-    return statistics
-
-
-class BodyReader:
-    """Reads a message body from an h11 endpoint in chunks of at most ``limit``.
-
-    Each ``read`` reads the stream at most once (``limit`` bytes, what the
-    pump reserved from the budget for it) and then takes out every Data event
-    h11 can parse from what it holds, joined into one chunk. So h11's receive
-    buffer is empty between reads, but for the few bytes of an incomplete
-    chunk header: body bytes never wait there, outside the budget, while the
-    pump waits for the budget or the sink. Many small upstream chunks become
-    one chunk of up to ``limit`` bytes.
-
-    Memory: holds nothing between reads but a rest over ``limit`` (the
-    incomplete framing bytes of a previous read, at most a few bytes, when a
-    join exceeds ``limit``) and h11's unparsed framing bytes.
-
-    Args:
-        source: the endpoint whose message body is read.
-        limit: the largest chunk, in bytes: the endpoint's ``read_size``.
-    """
-
-    def __init__(self, source: H11Endpoint, limit: int) -> None:
-        self._source = source
-        self._limit = limit
-        self._rest: Chunk = b""
-        self._ended = False
-
-    async def read(self) -> Chunk:
-        """The next chunk of the body, or ``b""`` after its end."""
-        while not self._rest:
-            if self._ended:
-                return b""
-            self._rest, self._ended = await self._receive()
-        chunk, self._rest = self._rest, b""
-        if len(chunk) > self._limit:
-            chunk, self._rest = chunk[: self._limit], chunk[self._limit :]
-        return chunk
-
-    async def _receive(self) -> tuple[Chunk, bool]:
-        """Body bytes of one read and all h11 holds; True if the message ended."""
-        pieces: list[Chunk] = []
-        event = await self._source.next_event()
-        while isinstance(event, h11.Data):
-            if event.data:
-                pieces.append(event.data)
-            event = self._source.next_event_nowait()
-        if event is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
-            raise AssertionError(f"unexpected h11 event in a body: {event!r}")  # pragma: no cover
-        # The usual single piece goes on as h11 made it; several are joined once.
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return data, isinstance(event, h11.EndOfMessage)
-
-
-async def send_buffered(
-    source: H11Endpoint,
-    sink: H11Endpoint,
-    head: h11.Response | None,
-    *,
-    gauge: BufferGauge,
-    progress: Progress,
-) -> tuple[PendingBody, bool]:
-    """Send ``head``, and the whole body too if ``source`` already holds it.
-
-    Pulls h11 events without reading from the stream, so it holds at most
-    what h11 had received (one read's worth of body). When that includes the
-    ``EndOfMessage``, head, body and end go out in one write. Otherwise the
-    head goes alone, as before, and the body bytes pulled are returned for
-    the pump's first read, so the pump reads ahead from the start and the
-    backpressure bound is the pump's. ``progress`` runs during the write, so
-    a stall watchdog sees a receiver that takes nothing.
-
-    Returns:
-        The body bytes pulled but not sent (still counted on ``gauge``: pass
-        them to ``relay_body`` as ``first_chunk``), and True if the message
-        ended.
-    """
-    chunks: list[bytes] = []
-    ended = False
-    while not ended:
-        event = source.next_event_nowait()
-        if isinstance(event, h11.Data):
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            ended = True
-        else:
-            break
-    body = b"".join(chunks)  # no copy for the usual single chunk
-    framed = bytearray(sink.conn.send(head) or b"") if head is not None else bytearray()
-    if ended:
-        if body:
-            framed += sink.conn.send(h11.Data(data=body)) or b""
-        framed += sink.conn.send(h11.EndOfMessage()) or b""
-    held = len(body)
-    gauge.add(held)
-    progress.running = True
-    progress.moved()
-    try:
-        if framed:
-            await sink.send_framed(framed)
-    except BaseException:
-        gauge.remove(held)
-        raise
-    finally:
-        progress.running = False
-    if not ended:
-        return PendingBody(body), False  # still on the gauge: the pump takes it over
-    gauge.remove(held)
-    progress.bytes_read += held
-    progress.bytes_written += held
-    progress.moved()
-    return PendingBody(), True

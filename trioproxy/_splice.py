@@ -51,6 +51,7 @@ from functools import cache
 import trio
 
 from ._config import MiB, ProxyConfig
+from ._errors import STREAM_ERRORS
 from ._relay import Progress, RelayStatistics
 
 # Below this many body bytes the channel relay is used: such a body is a few
@@ -278,7 +279,7 @@ class SplicePump:
     async def _send_prefix(self, sink: trio.SocketStream, prefix: bytes) -> None:
         try:
             await sink.send_all(prefix)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except STREAM_ERRORS as exc:
             raise SinkBroken(f"sink failed: {exc!r}") from exc
         self._read += len(prefix)
         self._written += len(prefix)

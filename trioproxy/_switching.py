@@ -4,28 +4,29 @@ Both are the same move. A head is answered (``200 Connection established`` to
 CONNECT, the upstream's ``101 Switching Protocols`` to an Upgrade request),
 after which h11 says ``SWITCHED_PROTOCOL`` and the connection carries raw
 bytes. h11 may already have read bytes past the last head; it hands them out
-as ``conn.trailing_data``, and they go into the tunnel first, so no byte is
-lost (a TLS ClientHello sent right after CONNECT, a WebSocket frame sent right
-after the 101).
+as the endpoint's ``leftover``, and they go into the tunnel first, so no byte
+is lost (a TLS ClientHello sent right after CONNECT, a WebSocket frame sent
+right after the 101).
 
-The server decides when to switch; this module does the switch.
+The exchange decides when to switch; this module does the switch.
 """
 
 from __future__ import annotations
 
 import logging
 
+import attrs
 import h11
 import trio
 
 from ._config import ProxyConfig
+from ._endpoint import ClientEndpoint, UpstreamEndpoint
 from ._errors import BadGateway, BadRequest
-from ._h11_io import ClientEndpoint, UpstreamEndpoint
 from ._http import VIA_VALUE, client_response_headers, upgrade_fields
 from ._relay import BufferGauge
 from ._splice import splice_pipe_size
-from ._timeouts import run_watched
 from ._tunnel import Tunnel, TunnelStatistics
+from ._watchdog import watch_stalls
 
 logger = logging.getLogger("trioproxy")
 
@@ -52,12 +53,12 @@ async def tunnel_after_connect(
 
     Resource handling: both streams are closed when this returns.
     """
-    await client.send(
+    await client.send_head(
         h11.Response(
             status_code=200, headers=[(b"Via", VIA_VALUE)], reason=b"Connection established"
         )
     )
-    return await _tunnel(client.stream, upstream_stream, client.conn, None, config, gauge)
+    return await _tunnel(client.stream, upstream_stream, client.leftover(), b"", config, gauge)
 
 
 async def tunnel_after_upgrade(
@@ -78,30 +79,36 @@ async def tunnel_after_upgrade(
         BadGateway: if the request did not reach the upstream whole (it
             switched, then stopped reading), so the switch cannot be made.
     """
-    if upstream.conn.our_state is not h11.SWITCHED_PROTOCOL:
+    if not upstream.switched:
         raise BadGateway("upstream switched protocols before it read the whole request")
     raw = response.headers.raw_items()
-    await client.send(
+    await client.send_head(
         h11.InformationalResponse(
             status_code=101,
             headers=[*client_response_headers(raw), *upgrade_fields(raw)],
             reason=response.reason,
         )
     )
-    return await _tunnel(client.stream, upstream.stream, client.conn, upstream.conn, config, gauge)
+    return await _tunnel(
+        client.stream, upstream.stream, client.leftover(), upstream.leftover(), config, gauge
+    )
 
 
 async def _tunnel(
     client_stream: trio.abc.Stream,
     upstream_stream: trio.abc.Stream,
-    client_conn: h11.Connection,
-    upstream_conn: h11.Connection | None,
+    client_prefix: bytes,
+    upstream_prefix: bytes,
     config: ProxyConfig,
     gauge: BufferGauge,
 ) -> TunnelStatistics:
     """Run the tunnel; end it once no byte has moved either way for
     ``config.stall_timeout`` (a peer that went silent, or half-closed and
-    never finished, must not hold two connections for ever)."""
+    never finished, must not hold two connections for ever).
+
+    The prefixes are what each side's h11 read past its last head (at most
+    ``read_size`` each); they reach the other side first.
+    """
     relay = Tunnel(
         read_size=config.read_size,
         buffer_chunks=config.buffer_chunks,
@@ -109,30 +116,17 @@ async def _tunnel(
         # Zero-copy where both are plain sockets on Linux (and not --no-splice).
         splice_pipe_size=splice_pipe_size(config, client_stream, upstream_stream, None),
     )
-    stalled = await run_watched(
-        relay.progress,
-        config.stall_timeout,
-        lambda: relay.run(
-            client_stream,
-            upstream_stream,
-            a_prefix=_trailing_bytes(client_conn),
-            b_prefix=_trailing_bytes(upstream_conn),
-        ),
-    )
+    async with watch_stalls(relay.progress, config.stall_timeout) as watchdog:
+        await relay.run(
+            client_stream, upstream_stream, a_prefix=client_prefix, b_prefix=upstream_prefix
+        )
     statistics = relay.statistics()
+    if watchdog.stalled:
+        statistics = attrs.evolve(statistics, error=f"no byte moved for {config.stall_timeout:g} s")
     logger.debug(
         "tunnel ended: %d bytes up, %d bytes down%s",
         statistics.a_to_b.bytes_relayed,
         statistics.b_to_a.bytes_relayed,
-        " (idle)" if stalled else f" ({statistics.error})" if statistics.error else "",
+        f" ({statistics.error})" if statistics.error else "",
     )
     return statistics
-
-
-def _trailing_bytes(conn: h11.Connection | None) -> bytes:
-    """What h11 read past the last head: at most ``read_size`` bytes, since the
-    endpoints stop reading as soon as h11 has a whole head."""
-    if conn is None:
-        return b""
-    assert conn.our_state is h11.SWITCHED_PROTOCOL, conn.our_state
-    return bytes(conn.trailing_data[0])

@@ -33,12 +33,9 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ._errors import STREAM_ERRORS
 from ._relay import BufferGauge, Progress, Pump, ReadChunk, RelayStatistics
 from ._splice import SplicePump
-
-# The ways a peer ends a tunnel abruptly: a reset or broken connection, or a
-# stream that was closed under us. Translated into ``TunnelStatistics.error``.
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 @attrs.frozen
@@ -161,7 +158,9 @@ class Tunnel:
                 await pump.run(source, sink, prefix=prefix)
             else:
                 await pump.run(_prefixed_reader(source, prefix, self._read_size), sink.send_all)
-        except* _STREAM_ERRORS as group:
+        # A peer that resets, breaks or is closed under us ends the tunnel:
+        # reported in ``TunnelStatistics.error``, not raised.
+        except* STREAM_ERRORS as group:
             if self._error is None:
                 self._error = _describe(group.exceptions[0])
             nursery.cancel_scope.cancel()
@@ -181,7 +180,7 @@ async def _forward_eof(sink: trio.abc.SendStream) -> None:
         return
     try:
         await sink.send_eof()
-    except _STREAM_ERRORS:
+    except STREAM_ERRORS:
         return
 
 

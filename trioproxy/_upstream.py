@@ -1,10 +1,11 @@
-"""Opening connections to upstreams, with failures translated to 502.
+"""Where exchanges get their upstream connections: the pool first, else a new one.
 
-The connector is a plain async callable ``(host, port) -> trio.abc.Stream`` so
-that tests and embedding applications can inject their own (an in-memory
-stream, a resolver that never touches the network, a TLS wrapper). Timeouts are
-not applied here: the caller wraps the call in its own deadline (trio's "let
-your caller worry about it").
+The stream opener is a plain async callable ``(host, port) -> trio.abc.Stream``
+so that tests and embedding applications can inject their own (an in-memory
+stream, a resolver that never touches the network, a TLS wrapper).
+``UpstreamConnector`` puts the opener, the pool and the connect timeout
+together; it is the one place an exchange asks for an upstream, and where
+TLS upstreams and several servers per upstream will plug in.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._errors import BadGateway
+from ._config import ProxyConfig
+from ._endpoint import UpstreamEndpoint
+from ._errors import BadGateway, GatewayTimeout
+from ._pool import PooledUpstream, UpstreamPool
 
 OpenUpstream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 async def open_tcp_upstream(host: str, port: int) -> trio.abc.Stream:
     """Open a TCP connection to ``host:port`` (happy eyeballs, via trio).
+
+    Timeouts are not applied here: the caller wraps the call in its own
+    deadline (trio's "let your caller worry about it").
 
     Raises:
         BadGateway: when the name does not resolve (including names that are
@@ -37,3 +44,64 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+class UpstreamConnector:
+    """Hands out upstream connections: pooled ones first, new ones within
+    ``connect_timeout``, and takes them back.
+
+    Memory: holds nothing itself; the pool's bound is the pool's
+    (``UpstreamPool``).
+
+    Args:
+        config: gives ``connect_timeout``, ``read_size`` and ``max_head_size``.
+        open_upstream: the stream opener, TCP by default.
+        pool: idle keep-alive connections shared by every client connection.
+    """
+
+    def __init__(
+        self, config: ProxyConfig, open_upstream: OpenUpstream, pool: UpstreamPool
+    ) -> None:
+        self._config = config
+        self._open = open_upstream
+        self.pool = pool
+
+    async def checkout(self, host: str, port: int) -> PooledUpstream:
+        """An idle pooled connection to ``host:port`` if there is one, else a new one.
+
+        Raises:
+            BadGateway: the upstream cannot be reached.
+            GatewayTimeout: connecting took over ``connect_timeout``.
+        """
+        upstream = await self.pool.checkout(host, port)
+        return upstream if upstream is not None else await self.connect(host, port)
+
+    async def connect(self, host: str, port: int) -> PooledUpstream:
+        """A new HTTP connection to ``host:port``; raises as ``checkout``."""
+        stream = await self.open_stream(host, port)
+        config = self._config
+        endpoint = UpstreamEndpoint(
+            stream, read_size=config.read_size, max_head_size=config.max_head_size
+        )
+        return PooledUpstream(endpoint, host, port)
+
+    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+        """A new stream to ``host:port`` (a tunnel's, or under ``connect``).
+
+        Raises:
+            BadGateway: the upstream cannot be reached.
+            GatewayTimeout: connecting took over ``connect_timeout``.
+        """
+        timeout = self._config.connect_timeout
+        with trio.move_on_after(timeout):
+            return await self._open(host, port)
+        raise GatewayTimeout(f"connecting to {host}:{port} took over {timeout:g} s")
+
+    async def release(self, upstream: PooledUpstream, *, reusable: bool) -> None:
+        """Give ``upstream`` back after its exchange: pooled if ``reusable``, else closed."""
+        await self.pool.release(upstream, reusable=reusable)
+
+    @staticmethod
+    async def discard(upstream: PooledUpstream) -> None:
+        """Close ``upstream`` at once (a failed or cancelled exchange)."""
+        await trio.aclose_forcefully(upstream.endpoint.stream)

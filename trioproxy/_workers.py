@@ -62,8 +62,8 @@ import attrs
 import trio
 
 from ._config import ProxyConfig
+from ._errors import collapse_single_error
 from ._listen import listening_line
-from ._relay import collapse_single_error
 
 logger = logging.getLogger("trioproxy")
 

@@ -1,0 +1,272 @@
+"""Moving one message body between two endpoints: by pump, or by splice.
+
+The exchange decides which path a body takes (``_exchange.choose_body_path``);
+this module carries it out. Both paths end the message on the sink side with
+``finish``, and both leave the sink's message unfinished when the source
+fails, so the receiver can tell a body is incomplete (a short Content-Length
+body, a chunked body without its last chunk), never a truncated body framed
+as complete.
+
+**The pump** (``pump_body``): h11 parses the body on the source side and
+frames it anew for the sink's hop (Content-Length, chunked, or
+close-delimited); the bytes move through ``_relay.Pump``'s bounded channel.
+Trailers are dropped, as hop-by-hop ``Trailer`` is.
+
+**Splice** (``splice_body``): a large Content-Length body between two plain
+sockets moves by ``_splice`` and never enters user space. Three things keep
+HTTP exact while the bytes bypass h11:
+
+1. What h11 already read. With the head, h11 may have read some body bytes
+   (at most one ``read_size``). They are taken out as ordinary events, without
+   reading the socket again, and sent through the sink's h11, so the splice
+   starts exactly where h11 stopped and moves exactly the rest of the declared
+   length. Bytes after the body stay in the socket, unread.
+2. The sink's framing. ``frame_spliced`` lets the sink's h11 count the spliced
+   bytes and frame them (nothing for Content-Length, chunk framing if the
+   sink's head said chunked), so ``finish`` checks the length as always.
+3. The source's state. The source's h11 never sees the spliced bytes, so it
+   stays in ``SEND_BODY``; both endpoints are marked ``body_spliced`` and
+   neither connection is reused (``_exchange.may_pool``, ``may_keep_alive``).
+   A spliced upload so always ends its client connection, which the exchange
+   announces with ``Connection: close`` on the response.
+
+A source that closes before the declared length is a ``BadGateway`` from an
+upstream, a ``BadRequest`` (400) from a client, as h11 reports a short body
+on the pump.
+"""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+from ._budget import MemoryBudget
+from ._endpoint import H11Endpoint, SplicedBytes
+from ._relay import BufferGauge, Chunk, PendingBody, Progress, Pump, RelayStatistics
+from ._splice import SinkBroken, SourceBroken, splice_relay
+
+
+async def send_buffered(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    head: h11.Response,
+    *,
+    gauge: BufferGauge,
+    progress: Progress,
+) -> tuple[PendingBody, bool]:
+    """Send ``head``, and the whole body too if ``source`` already holds it.
+
+    Pulls h11 events without reading from the stream, so it holds at most
+    what h11 had received (one read's worth of body). When that includes the
+    ``EndOfMessage``, head, body and end go out in one write: the usual small
+    response needs no pump, no task and no nursery. Otherwise the head goes
+    alone, and the body bytes pulled are returned for the pump's first write,
+    so the pump reads ahead from the start and the backpressure bound is the
+    pump's. ``progress`` runs during the write, so a stall watchdog sees a
+    receiver that takes nothing.
+
+    Returns:
+        The body bytes pulled but not sent (still counted on ``gauge``: pass
+        them on as ``first_chunk``), and True if the message ended.
+    """
+    chunks: list[bytes] = []
+    ended = False
+    while not ended:
+        event = source.next_event_nowait()
+        if isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            ended = True
+        else:
+            break
+    body = b"".join(chunks)  # no copy for the usual single chunk
+    held = len(body)
+    gauge.add(held)
+    progress.running = True
+    progress.moved()
+    try:
+        await sink.send_head(head, body=body if ended else b"", end=ended)
+    except BaseException:
+        gauge.remove(held)
+        raise
+    finally:
+        progress.running = False
+    if not ended:
+        return PendingBody(body), False  # still on the gauge: the pump takes it over
+    gauge.remove(held)
+    progress.bytes_read += held
+    progress.bytes_written += held
+    progress.moved()
+    return PendingBody(), True
+
+
+async def pump_body(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    *,
+    buffer_chunks: int,
+    gauge: BufferGauge,
+    progress: Progress,
+    budget: MemoryBudget | None = None,
+    first_chunk: PendingBody | None = None,
+) -> RelayStatistics:
+    """Pump one message body from ``source`` to ``sink`` through a bounded channel, then end it.
+
+    Memory: the pump's bound, ``(buffer_chunks + 2) * source.read_size``
+    (``BodyReader``: each read takes out every body byte h11 holds, so none
+    waits in h11's buffer outside the budget). ``first_chunk``, bytes
+    ``send_buffered`` pulled and left on ``gauge``, is written first and freed
+    then (``PendingBody``).
+
+    Raises:
+        ProxyError or ClientGone: from either side, as its endpoint translates
+        them; the sink's message is then left unfinished.
+    """
+    limit = source.read_size
+    pump = Pump(
+        buffer_chunks=buffer_chunks, gauge=gauge, budget=budget, read_size=limit, progress=progress
+    )
+    statistics = await pump.run(BodyReader(source, limit).read, sink.send_data, first_chunk)
+    await sink.finish()
+    return statistics
+
+
+class BodyReader:
+    """Reads a message body from an endpoint in chunks of at most ``limit``.
+
+    Each ``read`` reads the stream at most once (``limit`` bytes, what the
+    pump reserved from the budget for it) and then takes out every Data event
+    h11 can parse from what it holds, joined into one chunk. So h11's receive
+    buffer is empty between reads, but for the few bytes of an incomplete
+    chunk header: body bytes never wait there, outside the budget, while the
+    pump waits for the budget or the sink. Many small upstream chunks become
+    one chunk of up to ``limit`` bytes.
+
+    Memory: holds nothing between reads but a rest over ``limit`` (the
+    incomplete framing bytes of a previous read, at most a few bytes, when a
+    join exceeds ``limit``) and h11's unparsed framing bytes.
+
+    Args:
+        source: the endpoint whose message body is read.
+        limit: the largest chunk, in bytes: the endpoint's ``read_size``.
+    """
+
+    def __init__(self, source: H11Endpoint, limit: int) -> None:
+        self._source = source
+        self._limit = limit
+        self._rest: Chunk = b""
+        self._ended = False
+
+    async def read(self) -> Chunk:
+        """The next chunk of the body, or ``b""`` after its end."""
+        while not self._rest:
+            if self._ended:
+                return b""
+            self._rest, self._ended = await self._receive()
+        chunk, self._rest = self._rest, b""
+        if len(chunk) > self._limit:
+            chunk, self._rest = chunk[: self._limit], chunk[self._limit :]
+        return chunk
+
+    async def _receive(self) -> tuple[Chunk, bool]:
+        """Body bytes of one read and all h11 holds; True if the message ended."""
+        pieces: list[Chunk] = []
+        event = await self._source.next_event()
+        while isinstance(event, h11.Data):
+            if event.data:
+                pieces.append(event.data)
+            event = self._source.next_event_nowait()
+        if event is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
+            raise AssertionError(f"unexpected h11 event in a body: {event!r}")  # pragma: no cover
+        # The usual single piece goes on as h11 made it; several are joined once.
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data, isinstance(event, h11.EndOfMessage)
+
+
+async def splice_body(
+    source: H11Endpoint,
+    sink: H11Endpoint,
+    *,
+    length: int,
+    pipe_size: int,
+    gauge: BufferGauge,
+    progress: Progress,
+    first_chunk: PendingBody | None = None,
+) -> None:
+    """Move a Content-Length body of ``length`` bytes by splice(2), then end it.
+
+    ``first_chunk`` (body bytes ``send_buffered`` pulled, still on ``gauge``)
+    goes first, then what the source's h11 holds, then exactly the rest by
+    splice. Both endpoints are marked ``body_spliced``.
+
+    Memory: zero payload bytes in user space besides what h11 had already read
+    with the head (at most ``read_size``), and at most ``pipe_size`` bytes in
+    the kernel's pipe.
+
+    Raises:
+        BadGateway: the upstream broke, or closed before the body's end.
+        BadRequest: the client closed before the body's end.
+        ClientGone: the client connection broke.
+    """
+    sent = await _send_first_chunk(sink, first_chunk, gauge)
+    sent += await _forward_buffered_body(source, sink)
+    if sent < length:
+        source.body_spliced = True
+        parts = sink.frame_spliced(length - sent)
+        try:
+            for part in parts:
+                if isinstance(part, SplicedBytes):
+                    await _splice_exactly(source, sink, part.size, pipe_size, progress)
+                else:
+                    await sink.send_framed(part)  # chunked framing only
+        except BaseException:
+            sink.mark_broken()  # the sink's framing on the wire is unknown
+            raise
+    await sink.finish()
+
+
+async def _send_first_chunk(
+    sink: H11Endpoint, first_chunk: PendingBody | None, gauge: BufferGauge
+) -> int:
+    """Send the bytes ``send_buffered`` pulled; they die with this frame, not
+    the splice's. Returns how many."""
+    chunk = first_chunk.take() if first_chunk is not None else b""
+    if chunk:
+        await sink.send_data(chunk)
+        gauge.remove(len(chunk))
+    return len(chunk)
+
+
+async def _forward_buffered_body(source: H11Endpoint, sink: H11Endpoint) -> int:
+    """Send ``sink`` the body bytes ``source``'s h11 already holds; return how many.
+
+    Never reads the source socket: only what h11 has buffered (at most one
+    ``read_size``) is turned into events (a closed, empty buffer makes h11
+    report the short body: a BadGateway from an upstream, a 400 from a client).
+    """
+    forwarded = 0
+    while source.has_unparsed_data:
+        event = await source.next_event()
+        if isinstance(event, h11.EndOfMessage):
+            break
+        assert isinstance(event, h11.Data), event
+        await sink.send_data(event.data)
+        forwarded += len(event.data)
+    return forwarded
+
+
+async def _splice_exactly(
+    source: H11Endpoint, sink: H11Endpoint, size: int, pipe_size: int, progress: Progress
+) -> None:
+    assert isinstance(source.stream, trio.SocketStream), source.stream
+    assert isinstance(sink.stream, trio.SocketStream), sink.stream
+    try:
+        moved = await splice_relay(
+            source.stream, sink.stream, max_bytes=size, pipe_size=pipe_size, progress=progress
+        )
+    except SourceBroken as exc:
+        raise source.stream_error(exc.__cause__ or exc) from exc
+    except SinkBroken as exc:
+        raise sink.stream_error(exc.__cause__ or exc) from exc
+    if moved < size:
+        raise source.short_body(f"closed the body after {moved} of {size} spliced bytes")
