@@ -9,6 +9,7 @@ server to a TLS origin whose certificate comes from trustme.
 from __future__ import annotations
 
 import http.client
+import logging
 import shutil
 import ssl
 from functools import partial
@@ -304,10 +305,12 @@ def connect_request(target: bytes, extra: list[tuple[bytes, bytes]] | None = Non
 
 
 async def test_connect_opens_a_tunnel_and_keeps_bytes_sent_with_the_head(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """CONNECT host:port connects there, answers 200 without body framing, and
-    bytes the client sent right after the head reach the origin first."""
+    bytes the client sent right after the head reach the origin first. Its
+    access log line has the status the client got and the bytes each way."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
     port = UpstreamPort()
     client, server = trio.testing.memory_stream_pair()
     conn = h11.Connection(h11.CLIENT)
@@ -345,20 +348,27 @@ async def test_connect_opens_a_tunnel_and_keeps_bytes_sent_with_the_head(
             assert await receive_until_eof(client) == b"last words"
     assert meters.tunnels.held == 0
     assert meters.tunnels.peak > 0
+    [line] = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
+    assert 'method=CONNECT target="origin.test:443" status=200 bytes_in=6 bytes_out=23' in line
+    assert "reason=" not in line
 
 
 async def test_an_idle_connect_tunnel_ends_at_the_stall_timeout(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A tunnel in which no byte moves either way (here: half-closed by the
     client, the origin silent) is closed exactly stall_timeout after the last
-    byte moved, on both sides."""
+    byte moved, on both sides, and its log line says so."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
     port = UpstreamPort()
     client, server = trio.testing.memory_stream_pair()
     conn = h11.Connection(h11.CLIENT)
     config = trioproxy.ProxyConfig(stall_timeout=42)
     with trio.fail_after(1000):  # virtual time: a missing watchdog fails, not hangs
         await _idle_tunnel_case(port, client, server, conn, config)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
+    assert "status=200 bytes_in=4 bytes_out=0" in line
+    assert line.endswith('reason="tunnel ended: no byte moved for 42 s"')
 
 
 async def _idle_tunnel_case(

@@ -151,30 +151,7 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         {'{direction="request"}': request.held, '{direction="response"}': response.held},
     )
     if budget is not None:
-        yield from _metric(
-            "trioproxy_buffer_budget_bytes",
-            "gauge",
-            "The global buffer budget (--max-buffer-memory).",
-            {"": budget.capacity},
-        )
-        yield from _metric(
-            "trioproxy_buffer_budget_reserved_bytes",
-            "gauge",
-            "Bytes of the budget reserved by readers now.",
-            {"": budget.held},
-        )
-        yield from _metric(
-            "trioproxy_buffer_budget_waiting_readers",
-            "gauge",
-            "Readers waiting for the budget now.",
-            {"": budget.waiting},
-        )
-        yield from _metric(
-            "trioproxy_buffer_budget_wait_seconds_total",
-            "counter",
-            "Time readers spent waiting for the budget.",
-            {"": budget.wait_seconds},
-        )
+        yield from _budget_lines(budget)
     yield from _metric(
         "trioproxy_relayed_bytes_total",
         "counter",
@@ -201,6 +178,33 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
             '{direction="request"}': request.sink_wait_seconds,
             '{direction="response"}': response.sink_wait_seconds,
         },
+    )
+
+
+def _budget_lines(budget: BudgetStatistics) -> Iterator[str]:
+    yield from _metric(
+        "trioproxy_buffer_budget_bytes",
+        "gauge",
+        "The global buffer budget (--max-buffer-memory).",
+        {"": budget.capacity},
+    )
+    yield from _metric(
+        "trioproxy_buffer_budget_reserved_bytes",
+        "gauge",
+        "Bytes of the budget reserved by readers now.",
+        {"": budget.held},
+    )
+    yield from _metric(
+        "trioproxy_buffer_budget_waiting_readers",
+        "gauge",
+        "Readers waiting for the budget now.",
+        {"": budget.waiting},
+    )
+    yield from _metric(
+        "trioproxy_buffer_budget_wait_seconds_total",
+        "counter",
+        "Time readers spent waiting for the budget.",
+        {"": budget.wait_seconds},
     )
 
 
