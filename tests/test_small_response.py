@@ -1,6 +1,6 @@
 """The small-response path: a response that arrived whole goes out in one write.
 
-``relay_body`` sends head, body and end in one ``send_all`` when the upstream's
+``send_buffered`` sends head, body and end in one ``send_all`` when the upstream's
 read already brought the whole message, and starts no pump; otherwise the head
 goes alone and the pump relays the body, beginning with the bytes already
 received. Both paths keep the watchdog and the gauge exact.

@@ -23,7 +23,8 @@ Counted is not enough: RSS follows what is *alive*. So no hand keeps a
 reference to a chunk after giving its bytes back (no loop variable outlives
 its write; the reader's chunk lives in a frame of its own), the body bytes
 read with a message head travel in a ``PendingBody`` that the writer empties,
-and the h11 body reader leaves no body bytes in h11's buffer between reads.
+and the h11 body reader (``_body.BodyReader``) leaves no body bytes in h11's
+buffer between reads.
 Measured with 200 slow clients (docs/memory.md), each of these had pinned
 about one chunk per connection outside the budget.
 """
