@@ -229,3 +229,9 @@ async def upstream_endpoint_with(
     else:
         assert isinstance(await endpoint.next_event(), h11.Response)
     return endpoint
+
+
+def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two connected ``trio.SocketStream`` (a socketpair: real sockets, no network)."""
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)

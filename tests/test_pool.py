@@ -22,7 +22,7 @@ import trio.testing
 import trioproxy
 from trioproxy._cli import build_parser, config_from_args
 from trioproxy._endpoint import UpstreamEndpoint
-from trioproxy._exchange import may_pool, may_retry
+from trioproxy._exchange import may_pool
 from trioproxy._http import request_has_body
 from trioproxy._pool import PooledUpstream, UpstreamPool, open_upstream_pool
 
@@ -300,21 +300,7 @@ async def done_endpoint(
 
 async def release(pool: UpstreamPool, endpoint: UpstreamEndpoint, port: int = 1) -> None:
     """Give ``endpoint`` back as an exchange that raised nothing does."""
-    await pool.release(PooledUpstream(endpoint, "h", port), reusable=may_pool(endpoint))
-
-
-def test_may_retry_only_idempotent_bodiless_requests_on_reused_connections() -> None:
-    """The retry rule: reused, GET/HEAD/OPTIONS, no body, no response byte."""
-    upstream = PooledUpstream(endpoint_on(trio.testing.memory_stream_pair()), "h", 1)
-    get = h11.Request(method="GET", target="/", headers=[("Host", "a")])
-    post = h11.Request(method="POST", target="/", headers=[("Host", "a")])
-    assert not may_retry(upstream, get, has_body=False)  # a new connection
-    upstream.reused = True
-    assert may_retry(upstream, get, has_body=False)
-    assert not may_retry(upstream, get, has_body=True)
-    assert not may_retry(upstream, post, has_body=False)
-    upstream.endpoint.bytes_received += 1  # a byte of the response came
-    assert not may_retry(upstream, get, has_body=False)
+    await pool.release(PooledUpstream(endpoint, "h", port), reusable=may_pool(endpoint.state()))
 
 
 def test_request_has_body_follows_the_framing_fields() -> None:

@@ -49,6 +49,23 @@ Head = h11.Request | h11.Response | h11.InformationalResponse
 
 
 @attrs.frozen
+class MessageState:
+    """Where an endpoint's current request/response cycle stands, as plain values
+    for the exchange's decisions (``may_keep_alive``, ``may_pool``).
+
+    Attributes:
+        both_done: both messages ended, as h11 sees them (``DONE`` both ways).
+        body_spliced: a body moved by splice, past one of this side's h11
+            reader or writer.
+        unparsed: bytes (or EOF) received that h11 has not turned into events.
+    """
+
+    both_done: bool
+    body_spliced: bool
+    unparsed: bool
+
+
+@attrs.frozen
 class SplicedBytes:
     """A stand-in for body bytes that go by splice: h11 only asks its ``len``."""
 
@@ -228,6 +245,10 @@ class H11Endpoint:
         return self._conn.send(event) or b""
 
     # --- state -------------------------------------------------------------
+
+    def state(self) -> MessageState:
+        """A snapshot of this cycle's state, for decisions made without I/O."""
+        return MessageState(self.both_done, self.body_spliced, self.has_unparsed_data)
 
     @property
     def both_done(self) -> bool:

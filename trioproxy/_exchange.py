@@ -44,7 +44,7 @@ import trio
 from ._accesslog import AccessRecord
 from ._body import pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
-from ._endpoint import ClientEndpoint, H11Endpoint, UpstreamEndpoint
+from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
 from ._errors import BadGateway, GatewayTimeout, MethodNotAllowed, collapse_single_error
 from ._http import (
     Target,
@@ -93,17 +93,20 @@ class BodyPath:
 
 
 def choose_body_path(
-    config: ProxyConfig, source: H11Endpoint, sink: H11Endpoint, length: int | None
+    config: ProxyConfig,
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    length: int | None,
 ) -> BodyPath:
     """Splice a Content-Length body of ``length`` bytes between two plain
     sockets when ``_splice`` says it pays; pump everything else (chunked or
     close-delimited bodies, small ones, TLS or in-memory streams)."""
     if length is None:
         return BodyPath(None, None)
-    return BodyPath(length, splice_pipe_size(config, source.stream, sink.stream, length))
+    return BodyPath(length, splice_pipe_size(config, source, sink, length))
 
 
-def may_keep_alive(client: ClientEndpoint) -> bool:
+def may_keep_alive(client: MessageState) -> bool:
     """Whether the client connection may carry another request.
 
     Only when both messages ended as h11 sees them: a body that went by
@@ -114,7 +117,7 @@ def may_keep_alive(client: ClientEndpoint) -> bool:
     return client.both_done
 
 
-def may_pool(upstream: UpstreamEndpoint) -> bool:
+def may_pool(upstream: MessageState) -> bool:
     """Whether an upstream connection may serve another request, after an
     exchange that raised nothing.
 
@@ -125,7 +128,7 @@ def may_pool(upstream: UpstreamEndpoint) -> bool:
     bytes, so the flag is what refuses it), and nothing was received past the
     response (bytes sent unasked are junk or the start of an error).
     """
-    return upstream.both_done and not upstream.body_spliced and not upstream.has_unparsed_data
+    return upstream.both_done and not upstream.body_spliced and not upstream.unparsed
 
 
 def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool) -> bool:
@@ -227,7 +230,7 @@ class Exchange:
 
     def keeps_connection(self) -> bool:
         """Whether the client connection may carry another request after ``run``."""
-        return not self._tunneled and may_keep_alive(self.client)
+        return not self._tunneled and may_keep_alive(self.client.state())
 
     # --- policy and target ---
 
@@ -299,7 +302,7 @@ class Exchange:
             raise
         finally:
             self.meters.upstream_connections -= 1
-        await upstreams.release(upstream, reusable=may_pool(upstream.endpoint))
+        await upstreams.release(upstream, reusable=may_pool(upstream.endpoint.state()))
 
     def _target(self) -> Target:
         if self.config.upstream is None:
@@ -340,9 +343,8 @@ class Exchange:
         """
         clock = trio.CancelScope()  # the head's deadline starts with the request's end
         request_sent = trio.Event()
-        path = choose_body_path(
-            self.config, self.client, upstream, request_content_length(self.request)
-        )
+        length = request_content_length(self.request)
+        path = choose_body_path(self.config, self.client.stream, upstream.stream, length)
         record = self.record
         watchdog = StallWatchdog(
             [record.request_body, record.response_body], self.config.stall_timeout
@@ -439,7 +441,7 @@ class Exchange:
         """The rest of a response body after its head (and ``pending``, the
         body bytes ``send_buffered`` pulled), under a stall watchdog."""
         length = response_content_length(self.request.method, response)
-        path = choose_body_path(self.config, upstream, self.client, length)
+        path = choose_body_path(self.config, upstream.stream, self.client.stream, length)
         gauge, progress = self.meters.response_bodies, self.record.response_body
         if watched:
             await self._move_body(upstream, self.client, path, gauge, progress, pending)

@@ -1,0 +1,108 @@
+"""The exchange's decisions, as plain functions: no streams are read or written.
+
+Keep-alive, pooling, retry and the body path are decided from values
+(``MessageState`` snapshots, a request head, stream types), so each rule is
+checked here on its own, synchronously.
+"""
+
+from __future__ import annotations
+
+import h11
+import pytest
+import trio.testing
+
+import trioproxy
+from trioproxy._config import MiB
+from trioproxy._endpoint import MessageState, UpstreamEndpoint
+from trioproxy._exchange import (
+    choose_body_path,
+    client_head,
+    may_keep_alive,
+    may_pool,
+    may_retry,
+)
+from trioproxy._pool import PooledUpstream
+from trioproxy._splice import splice_supported
+
+from .helpers import socket_stream_pair
+
+DONE = MessageState(both_done=True, body_spliced=False, unparsed=False)
+
+
+def test_keep_alive_only_when_both_messages_ended() -> None:
+    """A connection carries another request only when h11 saw both messages end."""
+    assert may_keep_alive(DONE)
+    assert not may_keep_alive(MessageState(both_done=False, body_spliced=False, unparsed=False))
+
+
+@pytest.mark.parametrize(
+    ("state", "reusable"),
+    [
+        (DONE, True),
+        (MessageState(both_done=False, body_spliced=False, unparsed=False), False),
+        (MessageState(both_done=True, body_spliced=True, unparsed=False), False),
+        (MessageState(both_done=True, body_spliced=False, unparsed=True), False),
+    ],
+)
+def test_pool_only_a_clean_connection(state: MessageState, reusable: bool) -> None:
+    """Pooled only when both messages ended, nothing went by splice, and
+    nothing was received past the response."""
+    assert may_pool(state) is reusable
+
+
+def test_retry_only_idempotent_bodiless_requests_on_reused_connections() -> None:
+    """The retry rule: reused, GET/HEAD/OPTIONS, no body, no response byte."""
+    stream, _ = trio.testing.memory_stream_pair()
+    endpoint = UpstreamEndpoint(stream, read_size=1024, max_head_size=1024)
+    upstream = PooledUpstream(endpoint, "h", 1)
+    get = h11.Request(method="GET", target="/", headers=[("Host", "a")])
+    post = h11.Request(method="POST", target="/", headers=[("Host", "a")])
+    assert not may_retry(upstream, get, has_body=False)  # a new connection
+    upstream.reused = True
+    assert may_retry(upstream, get, has_body=False)
+    assert not may_retry(upstream, get, has_body=True)
+    assert not may_retry(upstream, post, has_body=False)
+    endpoint.bytes_received += 1  # a byte of the response came
+    assert not may_retry(upstream, get, has_body=False)
+
+
+async def test_body_path_pumps_unless_both_ends_are_plain_sockets() -> None:
+    """In-memory (or TLS) streams, unknown lengths and small bodies take the pump."""
+    config = trioproxy.ProxyConfig()
+    a, b = trio.testing.memory_stream_pair()
+    assert not choose_body_path(config, a, b, 100 * MiB).spliced
+    left, right = socket_stream_pair()
+    try:
+        assert not choose_body_path(config, left, right, None).spliced  # chunked, close-delimited
+        assert not choose_body_path(config, left, right, 1024).spliced  # too small to pay
+    finally:
+        await left.aclose()
+        await right.aclose()
+
+
+@pytest.mark.skipif(not splice_supported(), reason="splice(2) is Linux-only")
+async def test_body_path_splices_a_large_body_between_sockets_unless_turned_off() -> None:
+    """Two plain sockets and a large Content-Length body: splice, with the
+    per-direction bound as the pipe; --no-splice turns it off."""
+    left, right = socket_stream_pair()
+    try:
+        path = choose_body_path(trioproxy.ProxyConfig(), left, right, 100 * MiB)
+        assert path.spliced
+        assert path.pipe_size is not None
+        assert path.pipe_size <= 384 * 1024
+        unspliced = trioproxy.ProxyConfig(splice=False)
+        assert not choose_body_path(unspliced, left, right, 100 * MiB).spliced
+    finally:
+        await left.aclose()
+        await right.aclose()
+
+
+def test_client_head_adds_close_only_when_asked() -> None:
+    """The response head drops hop-by-hop fields; ``close`` adds Connection: close."""
+    response = h11.Response(
+        status_code=200, headers=[("Content-Length", "2"), ("Keep-Alive", "timeout=5")]
+    )
+    names = [name for name, _ in client_head(response).headers.raw_items()]
+    assert b"keep-alive" not in [n.lower() for n in names]
+    closing = client_head(response, close=True).headers.raw_items()
+    assert (b"Connection", b"close") in closing
