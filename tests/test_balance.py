@@ -225,7 +225,7 @@ def test_max_fails_within_fail_timeout_takes_a_server_out() -> None:
         assert a.available(now)
         fail(g, a, now)
     assert not a.available(5.0)
-    assert a.health(5.0) == "down"
+    assert a.health() == "down"
     assert spread(g, 20, now=14.9) == {1: 10, 2: 10}
     assert a.available(15.0)
 
@@ -237,7 +237,7 @@ def test_failures_further_apart_than_fail_timeout_do_not() -> None:
     for now in (0.0, 10.5, 21.0, 31.5, 42.0):
         fail(g, a, now)
         assert a.available(now)
-        assert a.health(now) == "up"
+        assert a.health() == "up"
 
 
 def test_the_window_slides() -> None:
@@ -285,7 +285,7 @@ def test_after_fail_timeout_exactly_one_probe() -> None:
     assert len(probes) == 1
     assert probes[0].probe
     assert not any(attempt.probe for attempt in attempts if attempt.state is not a)
-    assert a.health(10.0) == "probing"
+    assert a.health() == "probing"
     assert a.in_flight == 1
 
 
@@ -296,7 +296,7 @@ def test_probe_success_puts_the_server_back() -> None:
     fail(g, a, 0.0)
     probe = take(g, a, 10.0)
     g.report(probe, ok=True, now=10.5)
-    assert a.health(10.5) == "up"
+    assert a.health() == "up"
     # Back in rotation while the probe's body still streams.
     assert spread(g, 30, now=10.5) == {0: 10, 1: 10, 2: 10}
 
@@ -323,7 +323,7 @@ def test_probe_without_verdict_lets_the_next_request_probe() -> None:
     fail(g, a, 0.0)
     first = take(g, a, 10.0)
     g.finished(first)
-    assert a.health(10.0) == "down"
+    assert a.health() == "down"
     second = take(g, a, 10.0)
     assert second.probe
 
@@ -386,7 +386,7 @@ def test_mark_down_holds_a_server_out_until_mark_up() -> None:
     a = g.states[0]
     g.mark_down(a)
     assert not a.available(1000.0)
-    assert a.health(1000.0) == "down"
+    assert a.health() == "down"
     g.mark_up(a)
     assert a.available(1000.0)
     fail(g, a, 1000.0)

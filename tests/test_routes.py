@@ -132,6 +132,7 @@ def test_ipv6_literal_host() -> None:
     assert names(table, b"[0:0::1]", b"/") == "local"
     assert names(table, b"[::2]", b"/") is None
     assert names(table, b"[::1", b"/") is None
+    assert names(table, b"[not-an-address]:80", b"/") is None
 
 
 def test_route_after_default_is_an_error() -> None:

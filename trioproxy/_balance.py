@@ -181,6 +181,8 @@ class ServerState:
 
     Attributes:
         server: the server.
+        failure_window: the times of its last failures, at most max_fails,
+            emptied whenever it is taken out.
         in_flight: attempts picked and not yet finished.
         down_until: while passive health holds the server out (or a probe
             decides), the time it may be probed; None while it is up.
@@ -204,9 +206,10 @@ class ServerState:
             return False
         return self.down_until is None or (now >= self.down_until and not self.probing)
 
-    def health(self, now: float) -> Health:
-        """``up``, ``down``, or ``probing`` (a probe is in flight), for
-        logs and metrics."""
+    def health(self) -> Health:
+        """``up``, ``down`` (also once its time is over, until a probe
+        starts), or ``probing`` (the probe is in flight), for logs and
+        metrics."""
         if self.held_down:
             return "down"
         if self.down_until is None:
