@@ -81,9 +81,9 @@ MAX_FAILS_LIMIT = 100
 # before any response byte: the idempotent ones that also change nothing
 # (RFC 9110 9.2.1, 9.2.2). PUT and DELETE are idempotent but act; whether
 # the first attempt already acted cannot be known, and a repeated DELETE
-# answers 404 where the first would have answered 204. The same set as
-# ``_pool.RETRY_SAFE_METHODS``, the retry on a fresh connection to the same
-# server.
+# answers 404 where the first would have answered 204. The exchange uses the
+# same set for its retry on a fresh connection to the same server
+# (``_exchange.may_retry``).
 RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 

@@ -42,6 +42,7 @@ import h11
 import trio
 
 from ._accesslog import AccessRecord
+from ._balance import RETRY_SAFE_METHODS
 from ._body import pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
@@ -68,12 +69,6 @@ from ._upstream import UpstreamConnector
 from ._watchdog import StallWatchdog, watch_stalls
 
 logger = logging.getLogger("trioproxy")
-
-# Methods whose request may be sent twice without changing the outcome and
-# that we retry on a new connection when a reused one was closed in a race
-# (RFC 9110 9.2.2 idempotent methods, minus PUT and DELETE, which carry or
-# imply state changes we would rather not repeat without a body check).
-RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 # --- Decisions: plain functions, no I/O --------------------------------------
