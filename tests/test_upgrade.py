@@ -9,6 +9,7 @@ on in-memory streams with the injected connector.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from functools import partial
 
@@ -183,11 +184,15 @@ def upgrade_request(
 
 @MODES
 async def test_upgrade_keeps_bytes_sent_right_after_either_head(
-    config: trioproxy.ProxyConfig, autojump_clock: trio.testing.MockClock
+    config: trioproxy.ProxyConfig,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The Upgrade pair reaches the upstream; its 101 reaches the client with
     its Upgrade pair and Via; bytes the client wrote together with its request
-    and bytes the upstream wrote together with its 101 both arrive, first."""
+    and bytes the upstream wrote together with its 101 both arrive, first.
+    The access line has status 101 and the bytes the tunnel carried."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
     port = UpstreamPort()
     client, server = trio.testing.memory_stream_pair()
     client_conn = h11.Connection(h11.CLIENT)
@@ -236,6 +241,9 @@ async def test_upgrade_keeps_bytes_sent_right_after_either_head(
             assert await client.receive_some(65536) == b"down"
             await client.aclose()
             await origin.aclose()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
+    # in: "client-early" + "up"; out: "origin-early" + "down".
+    assert "status=101 bytes_in=14 bytes_out=16" in line
 
 
 @MODES

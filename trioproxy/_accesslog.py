@@ -29,7 +29,6 @@ import trio
 
 from ._errors import ClientGone, ProxyError
 from ._relay import Progress
-from ._tunnel import TunnelStatistics
 
 access_logger = logging.getLogger("trioproxy.access")
 
@@ -55,6 +54,7 @@ class AccessRecord:
         request_body: the request body pump's progress (bytes read = in).
         response_body: the response body pump's progress (bytes written = out).
         enabled: False for a connection that ended before a request.
+        ended: how a tunnel (CONNECT, 101) ended; None for other exchanges.
     """
 
     client: str | None
@@ -67,6 +67,7 @@ class AccessRecord:
     request_body: Progress = attrs.Factory(Progress)
     response_body: Progress = attrs.Factory(Progress)
     enabled: bool = True
+    ended: str | None = None
 
     def set_request(self, request: h11.Request) -> None:
         self.method = request.method.decode("ascii", "backslashreplace")
@@ -83,13 +84,16 @@ class AccessRecord:
         else:
             self.reason = f"response aborted: {error.message}"
 
-    def set_tunnel(self, statistics: TunnelStatistics) -> None:
-        """Record what a tunnel carried: bytes each way (client to upstream is
-        ``bytes_in``), and why it broke off, if it did."""
-        self.request_body.bytes_read += statistics.a_to_b.bytes_relayed
-        self.response_body.bytes_written += statistics.b_to_a.bytes_relayed
-        if statistics.error is not None:
-            self.reason = f"tunnel ended: {statistics.error}"
+    def set_tunnel(
+        self, *, bytes_up: int, bytes_down: int, ended: str, error: str | None = None
+    ) -> None:
+        """Record what a tunnel carried (client to upstream is ``bytes_in``),
+        how it ended, and the stream error that broke it off, if one did."""
+        self.request_body.bytes_read += bytes_up
+        self.response_body.bytes_written += bytes_down
+        self.ended = ended
+        if error is not None:
+            self.reason = f"tunnel broken: {error}"
 
     def fields(self, now: float) -> dict[str, Any]:
         """The log fields, in order, with the duration up to ``now``."""
@@ -102,6 +106,7 @@ class AccessRecord:
             "bytes_out": self.response_body.bytes_written,
             "duration": round(now - self.started, 6),
             "upstream": self.upstream,
+            "ended": self.ended,
             "reason": self.reason,
         }
 
@@ -116,11 +121,11 @@ def format_text(fields: dict[str, Any]) -> str:
     """``client=... method=... target="..." status=200 ...``; None shows as ``-``."""
     parts = []
     for key, value in fields.items():
-        if key == "reason" and value is None:
+        if key in ("reason", "ended") and value is None:
             continue
         if value is None:
             shown = "-"
-        elif isinstance(value, str) and key in ("target", "reason"):
+        elif isinstance(value, str) and key in ("target", "reason", "ended"):
             shown = json.dumps(value)
         else:
             shown = str(value)

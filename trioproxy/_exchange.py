@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 
 import attrs
 import h11
@@ -64,7 +64,12 @@ from ._policy import check_client, check_connect_port, check_credentials, check_
 from ._pool import PooledUpstream
 from ._relay import BufferGauge, PendingBody, Progress
 from ._splice import splice_pipe_size
-from ._switching import receive_connect_end, tunnel_after_connect, tunnel_after_upgrade
+from ._switching import (
+    TunnelOutcome,
+    receive_connect_end,
+    tunnel_after_connect,
+    tunnel_after_upgrade,
+)
 from ._upstream import UpstreamConnector
 from ._watchdog import StallWatchdog, watch_stalls
 
@@ -253,17 +258,32 @@ class Exchange:
         self._check_target(target, fields)
         await receive_connect_end(self.client)
         stream = await self.context.upstreams.open_stream(target.host, target.port)
-        self._tunneled = True
         self.meters.upstream_connections += 1
         try:
             self.record.status = 200
-            statistics = await tunnel_after_connect(
-                self.client, stream, self.config, self.meters.tunnels
+            await self._tunnel(
+                tunnel_after_connect(self.client, stream, self.config, self.meters.tunnels)
             )
-            self.record.set_tunnel(statistics)
         finally:
             self.meters.upstream_connections -= 1
             await trio.aclose_forcefully(stream)
+
+    async def _tunnel(self, tunnel: Awaitable[TunnelOutcome]) -> None:
+        """Run ``tunnel`` (from ``_switching``), counted open while it runs;
+        then log and count what it carried."""
+        self._tunneled = True
+        self.meters.tunnels_open += 1
+        try:
+            outcome = await tunnel
+        finally:
+            self.meters.tunnels_open -= 1
+        self.meters.count_tunnel(outcome.bytes_up, outcome.bytes_down)
+        self.record.set_tunnel(
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+            ended=outcome.ended,
+            error=outcome.error,
+        )
 
     # --- HTTP ---
 
@@ -490,11 +510,9 @@ class Exchange:
         """
         if request_sent is not None:
             await request_sent.wait()
-        self._tunneled = True
-        statistics = await tunnel_after_upgrade(
-            self.client, upstream, response, self.config, self.meters.tunnels
+        await self._tunnel(
+            tunnel_after_upgrade(self.client, upstream, response, self.config, self.meters.tunnels)
         )
-        self.record.set_tunnel(statistics)
 
     async def _response_head(
         self, upstream: UpstreamEndpoint

@@ -75,6 +75,9 @@ class ProxyMeters:
             proxy's own error responses).
         upstream_errors: exchanges that failed because of the upstream (502
             or 504, before or after the response started).
+        tunnels_open: CONNECT and Upgrade tunnels running now.
+        tunnel_bytes_up: bytes ended tunnels carried client -> upstream.
+        tunnel_bytes_down: bytes ended tunnels carried upstream -> client.
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -86,6 +89,9 @@ class ProxyMeters:
     upstream_connections: int = 0
     responses: dict[int, int] = attrs.Factory(dict)
     upstream_errors: int = 0
+    tunnels_open: int = 0
+    tunnel_bytes_up: int = 0
+    tunnel_bytes_down: int = 0
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -94,6 +100,11 @@ class ProxyMeters:
 
     def count_response(self, status_code: int) -> None:
         self.responses[status_code] = self.responses.get(status_code, 0) + 1
+
+    def count_tunnel(self, bytes_up: int, bytes_down: int) -> None:
+        """Count the bytes an ended tunnel carried."""
+        self.tunnel_bytes_up += bytes_up
+        self.tunnel_bytes_down += bytes_down
 
     def count_failure(self, status_code: int) -> None:
         """Count an exchange that ended with the error ``status_code``."""
@@ -169,6 +180,21 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         "counter",
         "Exchanges failed by the upstream (502, 504).",
         {"": meters.upstream_errors},
+    )
+    yield from _metric(
+        "trioproxy_tunnels_open",
+        "gauge",
+        "CONNECT and Upgrade tunnels open now.",
+        {"": meters.tunnels_open},
+    )
+    yield from _metric(
+        "trioproxy_tunnel_bytes_total",
+        "counter",
+        "Bytes carried by ended tunnels, by direction.",
+        {
+            '{direction="up"}': meters.tunnel_bytes_up,
+            '{direction="down"}': meters.tunnel_bytes_down,
+        },
     )
     yield from _metric(
         "trioproxy_sink_wait_seconds_total",

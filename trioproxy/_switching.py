@@ -31,6 +31,34 @@ from ._watchdog import watch_stalls
 logger = logging.getLogger("trioproxy")
 
 
+@attrs.frozen
+class TunnelOutcome:
+    """What a tunnel carried and how it ended, for the log and the metrics.
+
+    Attributes:
+        bytes_up: bytes relayed client -> upstream (the prefix included).
+        bytes_down: bytes relayed upstream -> client.
+        ended: ``"client EOF"`` or ``"upstream EOF"`` (whichever side
+            finished first; the other then finished too), ``"stall timeout"``,
+            or ``"error"``.
+        error: the stream error that broke it off, if ``ended`` is ``"error"``.
+    """
+
+    bytes_up: int
+    bytes_down: int
+    ended: str
+    error: str | None = None
+
+    @classmethod
+    def of(cls, statistics: TunnelStatistics, *, stalled: bool) -> TunnelOutcome:
+        up, down = statistics.a_to_b.bytes_relayed, statistics.b_to_a.bytes_relayed
+        if stalled:
+            return cls(up, down, "stall timeout")
+        if statistics.error is not None:
+            return cls(up, down, "error", statistics.error)
+        return cls(up, down, "client EOF" if statistics.first_eof == "a" else "upstream EOF")
+
+
 async def receive_connect_end(client: ClientEndpoint) -> None:
     """Read the end of a CONNECT request, which must have no body.
 
@@ -48,7 +76,7 @@ async def tunnel_after_connect(
     upstream_stream: trio.abc.Stream,
     config: ProxyConfig,
     gauge: BufferGauge,
-) -> TunnelStatistics:
+) -> TunnelOutcome:
     """Answer ``200 Connection established``, then tunnel client <-> upstream.
 
     Resource handling: both streams are closed when this returns.
@@ -67,7 +95,7 @@ async def tunnel_after_upgrade(
     response: h11.InformationalResponse,
     config: ProxyConfig,
     gauge: BufferGauge,
-) -> TunnelStatistics:
+) -> TunnelOutcome:
     """Forward the upstream's 101 with its Upgrade fields, then tunnel.
 
     Call once the request body pump has ended; if it delivered the whole
@@ -101,7 +129,7 @@ async def _tunnel(
     upstream_prefix: bytes,
     config: ProxyConfig,
     gauge: BufferGauge,
-) -> TunnelStatistics:
+) -> TunnelOutcome:
     """Run the tunnel; end it once no byte has moved either way for
     ``config.stall_timeout`` (a peer that went silent, or half-closed and
     never finished, must not hold two connections for ever).
@@ -120,13 +148,11 @@ async def _tunnel(
         await relay.run(
             client_stream, upstream_stream, a_prefix=client_prefix, b_prefix=upstream_prefix
         )
-    statistics = relay.statistics()
-    if watchdog.stalled:
-        statistics = attrs.evolve(statistics, error=f"no byte moved for {config.stall_timeout:g} s")
+    outcome = TunnelOutcome.of(relay.statistics(), stalled=watchdog.stalled)
     logger.debug(
-        "tunnel ended: %d bytes up, %d bytes down%s",
-        statistics.a_to_b.bytes_relayed,
-        statistics.b_to_a.bytes_relayed,
-        f" ({statistics.error})" if statistics.error else "",
+        "tunnel ended (%s): %d bytes up, %d bytes down",
+        outcome.ended,
+        outcome.bytes_up,
+        outcome.bytes_down,
     )
-    return statistics
+    return outcome

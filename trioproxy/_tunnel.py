@@ -47,11 +47,14 @@ class TunnelStatistics:
         b_to_a: the pump from stream ``b`` to stream ``a``.
         error: why the tunnel broke off (a stream error on either side), or
             None if both directions reached EOF.
+        first_eof: which stream sent EOF first, ``"a"`` or ``"b"``, or None
+            if neither did (an error, or cancellation, ended it).
     """
 
     a_to_b: RelayStatistics
     b_to_a: RelayStatistics
     error: str | None
+    first_eof: str | None = None
 
 
 class Tunnel:
@@ -95,6 +98,7 @@ class Tunnel:
             self._a_to_b = SplicePump(pipe_size=splice_pipe_size)
             self._b_to_a = SplicePump(pipe_size=splice_pipe_size)
         self._error: str | None = None
+        self._first_eof: str | None = None
 
     @property
     def progress(self) -> tuple[Progress, Progress]:
@@ -107,6 +111,7 @@ class Tunnel:
             a_to_b=self._a_to_b.statistics(),
             b_to_a=self._b_to_a.statistics(),
             error=self._error,
+            first_eof=self._first_eof,
         )
 
     async def run(
@@ -132,8 +137,8 @@ class Tunnel:
         """
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._direction, nursery, a, b, a_prefix, self._a_to_b)
-                nursery.start_soon(self._direction, nursery, b, a, b_prefix, self._b_to_a)
+                nursery.start_soon(self._direction, nursery, a, b, a_prefix, self._a_to_b, "a")
+                nursery.start_soon(self._direction, nursery, b, a, b_prefix, self._b_to_a, "b")
         finally:
             # Nested: under cancellation, the first close re-raises Cancelled.
             try:
@@ -149,6 +154,7 @@ class Tunnel:
         sink: trio.abc.SendStream,
         prefix: bytes,
         pump: Pump | SplicePump,
+        name: str,
     ) -> None:
         """Pump ``prefix`` then ``source`` into ``sink``; pass EOF on as half-close."""
         try:
@@ -165,6 +171,8 @@ class Tunnel:
                 self._error = _describe(group.exceptions[0])
             nursery.cancel_scope.cancel()
         else:
+            if self._first_eof is None:
+                self._first_eof = name
             await _forward_eof(sink)
 
 
