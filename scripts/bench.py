@@ -11,8 +11,14 @@
 #      keep-alive connections for --duration seconds.
 #      Client: wrk --latency with one thread (its Lua done() hook prints exact
 #      percentiles), else loadgen.py (trio + h11, keep-alive, per-request timing).
-#   3. Peak RSS of each proxy (process and all its children, summed; psutil,
-#      sampled every 0.25 s for the whole time its measurements run).
+#   3. Process CPU per request in those runs: user + system CPU seconds of the
+#      proxy process and all its children (psutil, read before and after each
+#      wrk run) divided by the requests wrk completed. Issue #14's targets are
+#      ratios of these figures within one run (trioproxy's CPU/request to the
+#      floor's, trioproxy --workers 2's req/s to proxy.py's); the script prints
+#      one line per target.
+#   4. Peak RSS of each proxy (process and all its children, summed; psutil,
+#      sampled every 0.25 s while its measurements run).
 #
 # How, and what keeps it fair:
 #   * Origin: nginx serving files from a tmpfs (/dev/shm) directory with sendfile,
@@ -25,9 +31,21 @@
 #   * nginx proxies with upstream keep-alive and proxy_max_temp_file_size 0
 #     (buffers in memory, never spools the download to disk); haproxy uses its
 #     default connection reuse. Neither logs requests.
-#   * Proxies run one at a time against the same origin; each is started fresh
-#     from a config written into a temp dir, checked with one request, measured,
-#     and stopped by PID (SIGTERM, then SIGKILL). Everything binds 127.0.0.1.
+#   * Every proxy is started once, from a config written into a temp dir, and
+#     checked with two requests on one connection. Then they are measured in
+#     turn, round-robin: each step (download, c=1, c=50) runs through every
+#     proxy before the next step, and the whole sequence repeats --rounds
+#     times, so drift in the machine's load falls on all of them alike. Only
+#     the one being measured has clients; the others sit idle. The table shows
+#     each proxy's best round (highest req/s, with that round's CPU and
+#     latency); the target lines compare proxies round by round. At the end
+#     each is stopped by PID (SIGTERM, then SIGKILL). Everything binds 127.0.0.1.
+#   * The floor (scripts/h11_floor.py) is the least a trio + h11 relay does per
+#     request; proxy.py (PyPI "proxy.py", a forward proxy in pure Python, one
+#     acceptor, one worker) is the nearest pure-Python peer. Each runs with
+#     its defaults: trioproxy writes one access-log line per request (to a pipe
+#     this script drains), proxy.py one per client connection, at its close
+#     (to /dev/null), the floor none.
 #   * The machine is shared and small (client, proxy and origin share its
 #     cores), so figures are for comparison within one run, not absolutes. The
 #     load average before and after is recorded in the JSON. Nothing here
@@ -62,12 +80,29 @@ from types import FrameType
 from typing import Any
 
 import attrs
+import psutil
 from _procs import START_TIMEOUT, STOP_GRACE, ProcessFailed, RssSampler, Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 
-PEERS = ("direct", "trioproxy", "naive_relay", "nginx", "haproxy", "tinyproxy")
+PEERS = (
+    "direct",
+    "trioproxy",
+    "trioproxy-w2",
+    "floor",
+    "proxy.py",
+    "naive_relay",
+    "nginx",
+    "haproxy",
+    "tinyproxy",
+)
+"""Every peer the bench knows, in the order they are measured in each round.
+trioproxy-w2 is trioproxy with --workers 2 (its CPU is the sum of all its processes)."""
+
+# trioproxy-w2's process count: the machine has two cores, and issue #14's
+# target 2 compares two trioproxy workers with one proxy.py worker.
+TRIOPROXY_WORKERS = 2
 
 # Body size of the request-rate test: small enough that per-request overhead
 # (parsing, syscalls, scheduling) dominates, which is what req/s should show.
@@ -116,10 +151,10 @@ def first_output_line(argv: Sequence[str]) -> str:
 _VERSION = re.compile(r"\d+\.\d+[\w.+~-]*")
 
 
-def tool_version(name: str, path: str, flag: str) -> str:
+def tool_version(name: str, *argv: str) -> str:
     """ "nginx 1.22.1" from "nginx version: nginx/1.22.1", "wrk 4.1.0-3+b2" from
     "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."."""
-    match = _VERSION.search(first_output_line([path, flag]))
+    match = _VERSION.search(first_output_line(argv))
     return f"{name} {match.group(0) if match else '(version unknown)'}"
 
 
@@ -305,15 +340,53 @@ def start_python_proxy(name: str, argv: list[str]) -> Running:
     return Running(server, url.removeprefix("http://"))
 
 
-def start_trioproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
-    extra = shlex.split(args.trioproxy_args)
+def start_on_port(name: str, argv: list[str], port: int, *, via: bool = False) -> Running:
+    """Start a server that listens where its config says, and wait for that port."""
+    server = Server(name, argv, env=child_env())
+    try:
+        server.wait_for_port(port)
+    except ProcessFailed:
+        server.stop()
+        raise
+    return Running(server, f"127.0.0.1:{port}", via=via)
+
+
+def trioproxy_argv(origin: Origin, args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0"]
-    return start_python_proxy("trioproxy", [*argv, "--upstream", origin.url, *extra])
+    return [*argv, "--upstream", origin.url, *shlex.split(args.trioproxy_args)]
+
+
+def start_trioproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    return start_python_proxy("trioproxy", trioproxy_argv(origin, args))
+
+
+def start_trioproxy_workers(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    argv = [*trioproxy_argv(origin, args), "--workers", str(TRIOPROXY_WORKERS)]
+    return start_python_proxy("trioproxy-w2", argv)
+
+
+def start_script_relay(name: str, script: str, origin: Origin) -> Running:
+    """A relay from scripts/ that takes --listen and --upstream and announces its URL."""
+    argv = [sys.executable, str(SCRIPTS / script), "--listen", "127.0.0.1:0"]
+    return start_python_proxy(name, [*argv, "--upstream", origin.url])
+
+
+def start_floor(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    return start_script_relay("floor", "h11_floor.py", origin)
 
 
 def start_naive_relay(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
-    argv = [sys.executable, str(SCRIPTS / "naive_relay.py"), "--listen", "127.0.0.1:0"]
-    return start_python_proxy("naive_relay", [*argv, "--upstream", origin.url])
+    return start_script_relay("naive_relay", "naive_relay.py", origin)
+
+
+def start_proxy_py(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    # A forward proxy (absolute-form requests, like tinyproxy). One acceptor
+    # process that also does the work (its default --local-executor 1), one
+    # worker: the single-process setting issue #14's target 2 compares with.
+    port = free_port()
+    argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port)]
+    argv += ["--num-acceptors", "1", "--num-workers", "1"]
+    return start_on_port("proxy.py", argv, port, via=True)
 
 
 def start_nginx_proxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
@@ -370,13 +443,7 @@ frontend bench
 backend origin
     server origin {origin.hostport}
 """)
-    server = Server("haproxy", [haproxy, "-db", "-f", str(conf)], env=child_env())
-    try:
-        server.wait_for_port(port)
-    except ProcessFailed:
-        server.stop()
-        raise
-    return Running(server, f"127.0.0.1:{port}")
+    return start_on_port("haproxy", [haproxy, "-db", "-f", str(conf)], port)
 
 
 def start_tinyproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
@@ -398,34 +465,47 @@ LogLevel Error
 LogFile "{logdir}/tinyproxy.log"
 PidFile "{logdir}/tinyproxy.pid"
 """)
-    server = Server("tinyproxy", [tinyproxy, "-d", "-c", str(conf)], env=child_env())
+    return start_on_port("tinyproxy", [tinyproxy, "-d", "-c", str(conf)], port, via=True)
+
+
+def importable(module: str) -> bool:
+    """Whether this interpreter can import `module` (tried in a child, not here)."""
+    argv = [sys.executable, "-c", f"import {module}"]
     try:
-        server.wait_for_port(port)
-    except ProcessFailed:
-        server.stop()
-        raise
-    return Running(server, f"127.0.0.1:{port}", via=True)
+        done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def available(name: str, args: argparse.Namespace) -> tuple[Starter | None, str]:
     """The starter for a peer, or None and the reason it is skipped."""
     if name == "direct":
         return start_direct, ""
-    if name == "trioproxy":
+    if name in ("trioproxy", "trioproxy-w2"):
         if not (REPO / "trioproxy" / "__main__.py").exists():
             return None, "trioproxy/__main__.py not in this checkout yet"
-        return start_trioproxy, ""
-    if name == "naive_relay":
-        if not (SCRIPTS / "naive_relay.py").exists():
-            return None, "scripts/naive_relay.py not in this checkout"
-        return start_naive_relay, ""
+        return (start_trioproxy if name == "trioproxy" else start_trioproxy_workers), ""
+    scripts: dict[str, tuple[str, Starter]] = {
+        "floor": ("h11_floor.py", start_floor),
+        "naive_relay": ("naive_relay.py", start_naive_relay),
+    }
+    if name in scripts:
+        script, starter = scripts[name]
+        if not (SCRIPTS / script).exists():
+            return None, f"scripts/{script} not in this checkout"
+        return starter, ""
+    if name == "proxy.py":
+        if not importable("proxy"):
+            return None, f"{sys.executable} cannot import proxy; pip install proxy.py"
+        return start_proxy_py, ""
     starters: dict[str, Starter] = {
         "nginx": start_nginx_proxy,
         "haproxy": start_haproxy,
         "tinyproxy": start_tinyproxy,
     }
     if which(name) is None:
-        return None, f"{name} not installed"
+        return None, f"{name} not installed; apt-get install {name}"
     return starters[name], ""
 
 
@@ -557,7 +637,7 @@ def load_wrk(
     }
 
 
-def load(
+def load_client(
     running: Running, origin: Origin, connections: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Requests/s and latency of the small file on `connections` keep-alive connections."""
@@ -572,21 +652,80 @@ def load(
     return run_json(argv, args.duration + LOAD_GRACE)
 
 
-# --- one peer, all peers -------------------------------------------------------------------
+# --- CPU per request -----------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and each of its descendants, by PID.
+
+    Children matter: trioproxy --workers and proxy.py do their work in child
+    processes, nginx in its worker. A process that is gone reads as absent.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    seconds = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            seconds[proc.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes in `after` spent since `before` (new ones: all of theirs).
+
+    A process that exited in between is missing from `after` and its share is
+    lost; the proxies here keep their processes for the whole run.
+    """
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def load(
+    running: Running, origin: Origin, connections: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """load_client's figures plus the proxy's CPU per completed request (µs)."""
+    if running.server is None:
+        return load_client(running, origin, connections, args)
+    before = tree_cpu_seconds(running.server.pid)
+    figures = load_client(running, origin, connections, args)
+    cpu = cpu_used(before, tree_cpu_seconds(running.server.pid))
+    figures["cpu_seconds"] = cpu
+    requests = figures["requests"]
+    figures["cpu_us_per_request"] = cpu * 1e6 / requests if requests else None
+    return figures
+
+
+# --- all peers, round-robin ------------------------------------------------------------------
 
 
 @attrs.define
 class Result:
+    """One peer's figures. `download` and `load` hold its best round (highest
+    MiB/s; highest req/s per connection count); `rounds` holds every round."""
+
     name: str
     download: dict[str, Any] | None = None
     ratio_to_direct: float | None = None
     load: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    rounds: list[dict[str, Any]] = attrs.field(factory=list)
     rss_start_mib: float | None = None
     peak_rss_mib: float | None = None
     end_rss_mib: float | None = None  # after the last client left: is memory given back?
     rss_samples: int = 0
     closes_connections: bool = False
     errors: list[str] = attrs.field(factory=list)
+
+
+@attrs.define
+class Live:
+    """A peer that started and answered its check: what the rounds measure."""
+
+    result: Result
+    running: Running
+    sampler: RssSampler | None
 
 
 def attempt(result: Result, what: str, func: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
@@ -598,47 +737,86 @@ def attempt(result: Result, what: str, func: Callable[[], dict[str, Any]]) -> di
         return None
 
 
-def measure(result: Result, running: Running, origin: Origin, args: argparse.Namespace) -> None:
-    problem, result.closes_connections = check_proxy(running, origin)
-    if problem:
-        result.errors.append(problem)
-        return
-    result.download = attempt(
-        result, "download", functools.partial(download, running, origin, args.size, args)
-    )
-    for connections in args.connections:
-        figures = attempt(
-            result,
-            f"load c={connections}",
-            functools.partial(load, running, origin, connections, args),
-        )
-        if figures is not None:
-            result.load[str(connections)] = figures
-
-
-def bench_one(name: str, starter: Starter, origin: Origin, args: argparse.Namespace) -> Result:
+def start_peer(
+    name: str,
+    starter: Starter,
+    origin: Origin,
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+) -> tuple[Result, Live | None]:
+    """Start a peer (stopped when `stack` closes) and check it; None if it failed."""
     result = Result(name)
-    print(f"--- {name}", file=sys.stderr, flush=True)
+    print(f"--- starting {name}", file=sys.stderr, flush=True)
     try:
         running = starter(args.workdir, origin, args)
     except ProcessFailed as exc:
         result.errors.append(str(exc))
-        return result
-    try:
-        if running.server is None:
-            measure(result, running, origin, args)
-            return result
-        sampler = RssSampler(running.server.pid)
-        with sampler.running():
-            result.rss_start_mib = sampler.peak_bytes / MIB
-            measure(result, running, origin, args)
-        result.peak_rss_mib = sampler.peak_bytes / MIB
-        result.end_rss_mib = sampler.last_bytes / MIB
-        result.rss_samples = sampler.samples
-    finally:
-        if running.server is not None:
-            running.server.stop()
-    return result
+        return result, None
+    if running.server is not None:
+        stack.callback(running.server.stop)
+    problem, result.closes_connections = check_proxy(running, origin)
+    if problem:
+        result.errors.append(problem)
+        return result, None
+    sampler = RssSampler(running.server.pid) if running.server is not None else None
+    return result, Live(result, running, sampler)
+
+
+def measure_step(
+    live: Live, step: int | None, origin: Origin, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """One download (step None) or one load run at `step` connections, RSS sampled."""
+    if step is None:
+        what, func = "download", functools.partial(download, live.running, origin, args.size, args)
+    else:
+        what = f"load c={step}"
+        func = functools.partial(load, live.running, origin, step, args)
+    if live.sampler is None:
+        return attempt(live.result, what, func)
+    first = live.sampler.samples == 0
+    with live.sampler.running():
+        if first:
+            live.result.rss_start_mib = live.sampler.peak_bytes / MIB
+        return attempt(live.result, what, func)
+
+
+def run_rounds(lives: list[Live], origin: Origin, args: argparse.Namespace) -> None:
+    """Every step through every peer in turn, --rounds times."""
+    steps: list[int | None] = [None] if args.download else []
+    steps += args.connections
+    for n in range(1, args.rounds + 1):
+        for live in lives:
+            live.result.rounds.append({"download": None, "load": {}})
+        for step in steps:
+            for live in lives:
+                what = "download" if step is None else f"c={step}"
+                print(
+                    f"--- round {n}/{args.rounds}, {what}: {live.result.name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                figures = measure_step(live, step, origin, args)
+                this_round = live.result.rounds[-1]
+                if step is None:
+                    this_round["download"] = figures
+                elif figures is not None:
+                    this_round["load"][str(step)] = figures
+
+
+def keep_best(live: Live) -> None:
+    """Fill the result's best-round figures and its RSS summary."""
+    result = live.result
+    downloads = [r["download"] for r in result.rounds if r["download"]]
+    result.download = max(downloads, key=lambda d: d["mib_per_s"], default=None)
+    for r in result.rounds:
+        for c, figures in r["load"].items():
+            best = result.load.get(c)
+            if best is None or figures["requests_per_s"] > best["requests_per_s"]:
+                result.load[c] = figures
+    if live.sampler is not None and live.sampler.samples:
+        result.peak_rss_mib = live.sampler.peak_bytes / MIB
+        result.end_rss_mib = live.sampler.last_bytes / MIB
+        result.rss_samples = live.sampler.samples
 
 
 def add_ratios(results: list[Result]) -> None:
@@ -648,6 +826,90 @@ def add_ratios(results: list[Result]) -> None:
     for result in results:
         if result.download:
             result.ratio_to_direct = result.download["mib_per_s"] / direct.download["mib_per_s"]
+
+
+# --- issue #14's targets: ratios within one round ------------------------------------------
+
+
+@attrs.frozen
+class Target:
+    """top / bottom, each a (peer, figure) at the same connection count in the same round."""
+
+    label: str
+    top: tuple[str, str]
+    bottom: tuple[str, str]
+    bound: float
+    lower_is_better: bool
+    connections: tuple[int, ...]
+
+
+TARGETS = (
+    Target(
+        "1, CPU/request trioproxy / floor",
+        ("trioproxy", "cpu_us_per_request"),
+        ("floor", "cpu_us_per_request"),
+        1.3,
+        lower_is_better=True,
+        connections=(50,),
+    ),
+    Target(
+        "2, req/s trioproxy-w2 / proxy.py",
+        ("trioproxy-w2", "requests_per_s"),
+        ("proxy.py", "requests_per_s"),
+        1.0,
+        lower_is_better=False,
+        connections=(1, 50),
+    ),
+    Target(
+        "3, p99 / p50 trioproxy",
+        ("trioproxy", "p99_ms"),
+        ("trioproxy", "p50_ms"),
+        3.0,
+        lower_is_better=True,
+        connections=(50,),
+    ),
+)
+"""Issue #14's targets 1-3, each at the connection counts the issue names."""
+
+
+def round_figure(result: Result, n: int, c: int, key: str) -> float | None:
+    figures = result.rounds[n]["load"].get(str(c)) if n < len(result.rounds) else None
+    value = figures.get(key) if figures else None
+    return float(value) if value else None
+
+
+def target_line(target: Target, by_name: dict[str, Result], c: int, rounds: int) -> str:
+    head = f"target {target.label}, c={c}"
+    missing = [p for p in (target.top[0], target.bottom[0]) if p not in by_name]
+    if missing:
+        return f"{head}: not measured ({', '.join(missing)} not run)"
+    top, bottom = by_name[target.top[0]], by_name[target.bottom[0]]
+    ratios = []
+    for n in range(rounds):
+        a = round_figure(top, n, c, target.top[1])
+        b = round_figure(bottom, n, c, target.bottom[1])
+        ratios.append(a / b if a is not None and b is not None else None)
+    measured = [r for r in ratios if r is not None]
+    if not measured:
+        return f"{head}: not measured (no round has both figures)"
+    best = min(measured) if target.lower_is_better else max(measured)
+    met = best <= target.bound if target.lower_is_better else best >= target.bound
+    sign = "<=" if target.lower_is_better else ">="
+    each = ", ".join(cell(r, ".2f") for r in ratios)
+    verdict = "met" if met else "not met"
+    return f"{head}: best {best:.2f} (rounds: {each}); target {sign} {target.bound:g}: {verdict}"
+
+
+def target_lines(results: list[Result], args: argparse.Namespace) -> list[str]:
+    by_name = {r.name: r for r in results}
+    lines = []
+    for target in TARGETS:
+        for c in target.connections:
+            if c in args.connections:
+                lines.append(target_line(target, by_name, c, args.rounds))
+            else:
+                lines.append(f"target {target.label}, c={c}: not measured (c={c} not run)")
+    return lines
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -664,21 +926,24 @@ def latency_cell(figures: dict[str, Any] | None) -> str:
 
 
 def markdown_table(results: list[Result], args: argparse.Namespace) -> str:
-    size = human_size(args.size)
-    head = ["proxy", f"{size} MiB/s", "vs direct"]
+    head = ["proxy"]
+    if args.download:
+        head += [f"{human_size(args.size)} MiB/s", "vs direct"]
     for c in args.connections:
-        head += [f"req/s c={c}", f"p50 / p99 ms c={c}"]
+        head += [f"req/s c={c}", f"CPU µs/req c={c}", f"p50 / p99 ms c={c}"]
     # Start next to peak: a Python proxy's ~25 MiB is mostly the interpreter,
     # and the growth during a 1 GiB download is what the bound is about.
     head.append("RSS MiB start / peak")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         row = [r.name]
-        row.append(cell(r.download["mib_per_s"] if r.download else None, ".0f"))
-        row.append(cell(r.ratio_to_direct, ".2f"))
+        if args.download:
+            row.append(cell(r.download["mib_per_s"] if r.download else None, ".0f"))
+            row.append(cell(r.ratio_to_direct, ".2f"))
         for c in args.connections:
-            figures = r.load.get(str(c))
-            row.append(cell(figures["requests_per_s"] if figures else None, ".0f"))
+            figures = r.load.get(str(c)) or {}
+            row.append(cell(figures.get("requests_per_s"), ".0f"))
+            row.append(cell(figures.get("cpu_us_per_request"), ".0f"))
             row.append(latency_cell(figures))
         rss = f"{cell(r.rss_start_mib, '.1f')} / {cell(r.peak_rss_mib, '.1f')}"
         row.append(rss if r.name != "direct" else "n/a")
@@ -686,8 +951,24 @@ def markdown_table(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
-    out = [f"{name}: skipped ({why})" for name, why in skipped.items()]
+def error_notes(r: Result) -> list[str]:
+    out = []
+    for n, one_round in enumerate(r.rounds, start=1):
+        for c, figures in one_round["load"].items():
+            bad = figures.get("errors", 0) + figures.get("non_2xx", 0)
+            where = f"{r.name}: round {n}, c={c}"
+            if bad and r.closes_connections and not figures.get("non_2xx"):
+                out.append(
+                    f"{where}: {bad} socket errors for {figures['requests']}"
+                    " responses (the closes above, if about one per response)"
+                )
+            elif bad:
+                out.append(f"{where}: {bad} socket errors or non-2xx responses")
+    return out
+
+
+def notes(results: list[Result], skipped: dict[str, str], missing: list[str]) -> list[str]:
+    out = [*missing, *(f"{name}: skipped ({why})" for name, why in skipped.items())]
     for r in results:
         out += [f"{r.name}: {error}" for error in r.errors]
         if r.closes_connections:
@@ -696,15 +977,7 @@ def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
                 " so each request pays a TCP connect; the client reconnects (wrk counts each"
                 " close as a read error, loadgen.py as closed_by_server)"
             )
-        for c, figures in r.load.items():
-            bad = figures.get("errors", 0) + figures.get("non_2xx", 0)
-            if bad and r.closes_connections and not figures.get("non_2xx"):
-                out.append(
-                    f"{r.name}: c={c}: {bad} socket errors for {figures['requests']}"
-                    " responses (the closes above, if about one per response)"
-                )
-            elif bad:
-                out.append(f"{r.name}: c={c}: {bad} socket errors or non-2xx responses")
+        out += error_notes(r)
     return out
 
 
@@ -713,8 +986,8 @@ def notes(results: list[Result], skipped: dict[str, str]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark trioproxy side by side with direct, naive_relay, nginx, "
-        "haproxy and tinyproxy (whichever are present)."
+        description="Benchmark trioproxy side by side with direct, the h11 floor, proxy.py, "
+        "naive_relay, nginx, haproxy and tinyproxy (whichever are present), round-robin."
     )
     parser.add_argument(
         "--size",
@@ -723,7 +996,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="download size (default 1GiB; 100MB = 10^8, 100MiB = 100*2^20)",
     )
     parser.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="skip the download rows (only the requests/s runs)",
+    )
+    parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds per requests/s run (default 10)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times every step runs through every peer, alternating (default 3)",
     )
     parser.add_argument(
         "--connections",
@@ -768,6 +1053,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--connections wants numbers like 1,50, got {args.connections!r}")
     if not args.connections or min(args.connections) < 1:
         parser.error("--connections needs at least one count >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds needs at least 1")
     names = args.only.split(",") if args.only else list(PEERS)
     unknown = sorted(set(names) - set(PEERS))
     if unknown:
@@ -784,11 +1071,15 @@ def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
         path = which(tool)
         if path:
             versions[tool] = tool_version(tool, path, flag)
+    if "proxy.py" in args.peers:
+        versions["proxy.py"] = tool_version("proxy.py", sys.executable, "-m", "proxy", "--version")
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "size_bytes": args.size,
         "small_bytes": SMALL_SIZE,
         "duration_s": args.duration,
+        "rounds": args.rounds,
+        "download": args.download,
         "connections": args.connections,
         "origin": origin.kind,
         "download_client": tool_version("curl", curl, "--version")
@@ -802,6 +1093,7 @@ def meta(args: argparse.Namespace, origin: Origin) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
         "trioproxy_args": args.trioproxy_args,
+        "trioproxy_workers": TRIOPROXY_WORKERS,
         "versions": versions,
     }
 
@@ -819,7 +1111,26 @@ def workdir(size: int) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def missing_tools(args: argparse.Namespace) -> list[str]:
+    """What the preferred setup lacks on this machine, and what is used instead."""
+    out = []
+    if args.client == "auto" and which("wrk") is None:
+        out.append(
+            "missing: wrk (apt-get install wrk); req/s measured with scripts/loadgen.py, "
+            "which is itself slower than the faster proxies here"
+        )
+    if args.client == "auto" and args.download and which("curl") is None:
+        out.append("missing: curl (apt-get install curl); downloads read by scripts/loadgen.py")
+    if args.origin == "auto" and which("nginx") is None:
+        out.append(
+            "missing: nginx (apt-get install nginx); the origin is scripts/origin.py, "
+            "which competes with the proxy for CPU"
+        )
+    return out
+
+
+def peer_starters(args: argparse.Namespace) -> tuple[list[tuple[str, Starter]], dict[str, str]]:
+    """The peers that can run here, and why each of the others cannot."""
     skipped: dict[str, str] = {}
     starters: list[tuple[str, Starter]] = []
     for name in args.peers:
@@ -828,16 +1139,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             skipped[name] = why
         else:
             starters.append((name, starter))
-    with workdir(args.size) as work, contextlib.ExitStack() as stack:
+    return starters, skipped
+
+
+def run(args: argparse.Namespace, missing: list[str]) -> dict[str, Any]:
+    starters, skipped = peer_starters(args)
+    for name, why in skipped.items():
+        print(f"bench: {name} skipped: {why}", file=sys.stderr, flush=True)
+    size = args.size if args.download else SMALL_SIZE
+    with workdir(size) as work, contextlib.ExitStack() as stack:
         args.workdir = work
         nginx = which("nginx")
         if nginx and args.origin == "auto":
-            origin = start_nginx_origin(nginx, work, args.size, stack)
+            origin = start_nginx_origin(nginx, work, size, stack)
         else:
-            origin = start_python_origin(args.size, stack)
+            origin = start_python_origin(size, stack)
         info = meta(args, origin)
         print(f"origin: {origin.kind} at {origin.url}", file=sys.stderr, flush=True)
-        results = [bench_one(name, starter, origin, args) for name, starter in starters]
+        started = [start_peer(name, starter, origin, args, stack) for name, starter in starters]
+        lives = [live for _, live in started if live is not None]
+        run_rounds(lives, origin, args)
+        for live in lives:
+            keep_best(live)
+    results = [result for result, _ in started]
     add_ratios(results)
     info["loadavg_after"] = os.getloadavg()
     return {
@@ -845,29 +1169,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": [attrs.asdict(r) for r in results],
         "skipped": skipped,
         "table": markdown_table(results, args),
-        "notes": notes(results, skipped),
+        "targets": target_lines(results, args),
+        "notes": notes(results, skipped, missing),
     }
+
+
+def announce_duration(args: argparse.Namespace) -> None:
+    peers = len(args.peers)
+    per_round = len(args.connections) * args.duration + (2 if args.download else 0)
+    expected = peers * (2 + args.rounds * per_round)
+    step_worst = (args.download_timeout + LOAD_GRACE if args.download else 0) + len(
+        args.connections
+    ) * (args.duration + LOAD_GRACE)
+    worst = peers * (START_TIMEOUT + STOP_GRACE + args.rounds * step_worst)
+    print(
+        f"bench: about {expected:.0f} s if all goes well, at most {worst / 60:.0f} min"
+        " if every step times out",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace, seconds: float) -> None:
+    m = report["meta"]
+    downloader = m["download_client"] if m["download"] else "skipped"
+    print()
+    print(
+        f"origin: {m['origin']}; download: {downloader}; load: {m['load_client']};"
+        f" {m['rounds']} round(s), best round shown"
+    )
+    print(
+        f"{m['cpus']} CPUs, load average before/after: "
+        f"{m['loadavg_before'][0]:.2f} / {m['loadavg_after'][0]:.2f}; "
+        f"{seconds:.0f} s in total"
+    )
+    print()
+    print(report["table"])
+    print()
+    for line in report["targets"]:
+        print(line)
+    for note in report["notes"]:
+        print(f"- {note}")
+    print(f"\nwritten to {args.json}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     started = time.monotonic()
-    worst = len(args.peers) * (
-        START_TIMEOUT
-        + args.download_timeout
-        + LOAD_GRACE
-        + len(args.connections) * (args.duration + LOAD_GRACE)
-        + STOP_GRACE
-    )
-    print(
-        f"bench: about {len(args.peers) * (2 + len(args.connections) * args.duration):.0f} s"
-        f" if all goes well, at most {worst / 60:.0f} min if every step times out",
-        file=sys.stderr,
-        flush=True,
-    )
+    missing = missing_tools(args)
+    for line in missing:
+        print(f"bench: {line}", file=sys.stderr, flush=True)
+    announce_duration(args)
     try:
-        report = run(args)
+        report = run(args, missing)
     except ProcessFailed as exc:
         print(f"bench: the origin did not start: {exc}", file=sys.stderr)
         return 1
@@ -877,19 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    m = report["meta"]
-    print()
-    print(f"origin: {m['origin']}; download: {m['download_client']}; load: {m['load_client']}")
-    print(
-        f"{m['cpus']} CPUs, load average before/after: "
-        f"{m['loadavg_before'][0]:.2f} / {m['loadavg_after'][0]:.2f}; "
-        f"{time.monotonic() - started:.0f} s in total"
-    )
-    print()
-    print(report["table"])
-    for note in report["notes"]:
-        print(f"- {note}")
-    print(f"\nwritten to {args.json}")
+    print_report(report, args, time.monotonic() - started)
     return 0
 
 
