@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_arguments(parser)
     _add_operations_arguments(parser)
     _add_pool_arguments(parser)
+    _add_parent_arguments(parser)
     _add_logging_arguments(parser)
     parser.add_argument(
         "--workers",
@@ -273,6 +274,22 @@ def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_parent_arguments(parser: argparse.ArgumentParser) -> None:
+    """Forward mode through a parent proxy."""
+    parser.add_argument(
+        "--parent-proxy",
+        metavar="URL",
+        help="forward mode: send every request through this http://[USER:PASSWORD@]HOST:PORT",
+    )
+    parser.add_argument(
+        "--no-parent-for",
+        action="append",
+        default=[],
+        metavar="HOST|.DOMAIN|CIDR",
+        help="targets that go direct despite --parent-proxy (repeatable)",
+    )
+
+
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """Diagnostics and the access log."""
     parser.add_argument(
@@ -324,6 +341,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         max_target_length=args.max_target_length,
         upstream_pool_size=args.upstream_pool_size,
         upstream_idle_timeout=args.upstream_idle_timeout,
+        parent_proxy=args.parent_proxy,
+        no_parent_for=args.no_parent_for,
     )
 
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._framing import HeadLimits
+from ._parent import ParentProxy, parse_no_parent
 from ._policy import (
     DEFAULT_CONNECT_PORTS,
     LOOPBACK_NETWORKS,
@@ -136,6 +137,12 @@ class Upstream:
         return host if self.port == 80 else f"{host}:{self.port}"
 
 
+def _to_parent_proxy(value: ParentProxy | str | None) -> ParentProxy | None:
+    if value is None or isinstance(value, ParentProxy):
+        return value
+    return ParentProxy.from_url(value)
+
+
 def _to_upstream(value: Upstream | str | None) -> Upstream | None:
     if value is None or isinstance(value, Upstream):
         return value
@@ -251,6 +258,20 @@ class ProxyConfig:
     max_target_length: int = attrs.field(
         default=DEFAULT_MAX_TARGET_LENGTH, validator=_in_range(16, 16 * MiB)
     )
+
+    # --- Parent proxy, forward mode (see _parent) ---
+    # Send forward-mode traffic through this HTTP proxy; None: go direct.
+    parent_proxy: ParentProxy | None = attrs.field(
+        default=None, converter=_to_parent_proxy, repr=False
+    )
+
+    @parent_proxy.validator
+    def _check_parent_proxy(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and self.upstream is not None:
+            raise ValueError("parent_proxy is for forward mode; reverse mode has an upstream")
+
+    # Targets that go direct even with a parent: host, .domain or CIDR.
+    no_parent_for: tuple[str, ...] = attrs.field(default=(), converter=parse_no_parent)
 
     @property
     def credentials(self) -> bytes | None:

@@ -60,6 +60,7 @@ from ._http import (
     upstream_request_headers,
 )
 from ._metrics import ProxyMeters
+from ._parent import ParentProxy, absolute_target, goes_direct, parent_refusal
 from ._policy import check_client, check_connect_port, check_credentials, check_not_loop
 from ._pool import PooledUpstream
 from ._relay import BufferGauge, PendingBody, Progress
@@ -212,6 +213,7 @@ class Exchange:
         self.meters = context.meters
         self.record = record
         self._tunneled = False
+        self._parent: ParentProxy | None = None
         # Between the end of the request body and the response head, the
         # head's clock runs (upstream_timeout); set by whichever comes first.
         self._awaiting_head = True
@@ -257,12 +259,19 @@ class Exchange:
         check_connect_port(target.port, self.config.connect_ports)
         self._check_target(target, fields)
         await receive_connect_end(self.client)
-        stream = await self.context.upstreams.open_stream(target.host, target.port)
+        parent = self._parent_for(target)
+        upstreams = self.context.upstreams
+        if parent is None:
+            stream, prefix = await upstreams.open_stream(target.host, target.port), b""
+        else:
+            stream, prefix = await upstreams.open_tunnel_via(parent, target.authority)
         self.meters.upstream_connections += 1
         try:
             self.record.status = 200
             await self._tunnel(
-                tunnel_after_connect(self.client, stream, self.config, self.meters.tunnels)
+                tunnel_after_connect(
+                    self.client, stream, self.config, self.meters.tunnels, upstream_prefix=prefix
+                )
             )
         finally:
             self.meters.upstream_connections -= 1
@@ -295,12 +304,14 @@ class Exchange:
         self._authorize(fields)
         target = self._target()
         self._check_target(target, fields)
+        self._parent = self._parent_for(target)
         upstream_request = self._upstream_request(target, fields)
         has_body = request_has_body(request)
         if not has_body:
             self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
+        host, port = (target.host, target.port) if self._parent is None else self._parent.address
         upstreams = self.context.upstreams
-        upstream = await upstreams.checkout(target.host, target.port)
+        upstream = await upstreams.checkout(host, port)
         self.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
         try:
             try:
@@ -310,7 +321,7 @@ class Exchange:
                     raise
                 logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
                 await upstreams.discard(upstream)
-                upstream = await upstreams.connect(target.host, target.port)
+                upstream = await upstreams.connect(host, port)
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
         except BaseException:
             await upstreams.discard(upstream)
@@ -332,7 +343,18 @@ class Exchange:
             reverse=self.config.upstream is not None,
         )
         headers += upgrade_fields(fields)
-        return h11.Request(method=self.request.method, target=target.path, headers=headers)
+        if self._parent is None:
+            return h11.Request(method=self.request.method, target=target.path, headers=headers)
+        headers += self._parent.fields()
+        request_target = absolute_target(target.authority, target.path)
+        return h11.Request(method=self.request.method, target=request_target, headers=headers)
+
+    def _parent_for(self, target: Target) -> ParentProxy | None:
+        """The parent proxy this target goes through, or None to go direct."""
+        parent = self.config.parent_proxy
+        if parent is None or goes_direct(target.host, self.config.no_parent_for):
+            return None
+        return parent
 
     async def _send_on(
         self, upstream: UpstreamEndpoint, upstream_request: h11.Request, has_body: bool
@@ -423,6 +445,10 @@ class Exchange:
         pending = PendingBody()
         with clock:
             response = await self._response_head(upstream)
+            if self._parent is not None:
+                refusal = parent_refusal(response.status_code, tunnel=False)
+                if refusal is not None:
+                    raise refusal
             self._awaiting_head = False
             clock.deadline = (
                 math.inf if watchdog else trio.current_time() + self.config.stall_timeout

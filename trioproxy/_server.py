@@ -49,7 +49,9 @@ async def serve(
     open_listeners = open_reuse_port_listeners if config.reuse_port else trio.open_tcp_listeners
     listeners = await open_listeners(config.listen_port, host=config.listen_host)
     listen_addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-    pool_size = config.upstream_pool_size if config.upstream is not None else 0
+    # Pooled: connections to the one upstream, or to the parent proxy.
+    single_hop = config.upstream is not None or config.parent_proxy is not None
+    pool_size = config.upstream_pool_size if single_hop else 0
     async with (
         open_upstream_pool(max_idle=pool_size, idle_timeout=config.upstream_idle_timeout) as pool,
         trio.open_nursery() as nursery,

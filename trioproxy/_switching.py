@@ -76,8 +76,13 @@ async def tunnel_after_connect(
     upstream_stream: trio.abc.Stream,
     config: ProxyConfig,
     gauge: BufferGauge,
+    *,
+    upstream_prefix: bytes = b"",
 ) -> TunnelOutcome:
     """Answer ``200 Connection established``, then tunnel client <-> upstream.
+
+    ``upstream_prefix``: bytes already read from the upstream (a parent
+    proxy's, past its answer to our CONNECT); they reach the client first.
 
     Resource handling: both streams are closed when this returns.
     """
@@ -86,7 +91,9 @@ async def tunnel_after_connect(
             status_code=200, headers=[(b"Via", VIA_VALUE)], reason=b"Connection established"
         )
     )
-    return await _tunnel(client.stream, upstream_stream, client.leftover(), b"", config, gauge)
+    return await _tunnel(
+        client.stream, upstream_stream, client.leftover(), upstream_prefix, config, gauge
+    )
 
 
 async def tunnel_after_upgrade(

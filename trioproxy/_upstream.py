@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import h11
 import trio
 
 from ._config import ProxyConfig
 from ._endpoint import UpstreamEndpoint
 from ._errors import BadGateway, GatewayTimeout
+from ._parent import ParentProxy, parent_refusal
 from ._pool import PooledUpstream, UpstreamPool
 
 OpenUpstream = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -100,6 +102,49 @@ class UpstreamConnector:
     async def release(self, upstream: PooledUpstream, *, reusable: bool) -> None:
         """Give ``upstream`` back after its exchange: pooled if ``reusable``, else closed."""
         await self.pool.release(upstream, reusable=reusable)
+
+    async def open_tunnel_via(
+        self, parent: ParentProxy, authority: bytes
+    ) -> tuple[trio.abc.Stream, bytes]:
+        """A tunnel to ``authority`` through ``parent``: a CONNECT it answered 2xx.
+
+        Returns the stream to the parent, now carrying the tunnel, and the
+        bytes the parent sent past its answer (the tunnel's first bytes).
+
+        Raises:
+            BadGateway: the parent cannot be reached, refused (407: our
+                credentials), or answered anything but 2xx.
+            GatewayTimeout: connecting, or the parent's answer, took too long.
+        """
+        upstream = await self.connect(parent.host, parent.port)
+        endpoint = upstream.endpoint
+        try:
+            request = h11.Request(
+                method=b"CONNECT",
+                target=authority,
+                headers=[(b"Host", authority), *parent.fields()],
+            )
+            await endpoint.send_head(request, end=True)
+            response = await self._parent_answer(endpoint)
+            refusal = parent_refusal(response.status_code, tunnel=True)
+            if refusal is not None:
+                raise refusal
+            return endpoint.stream, endpoint.leftover()
+        except BaseException:
+            await trio.aclose_forcefully(endpoint.stream)
+            raise
+
+    async def _parent_answer(self, endpoint: UpstreamEndpoint) -> h11.Response:
+        """The parent's final answer to CONNECT, within ``upstream_timeout``."""
+        timeout = self._config.upstream_timeout
+        with trio.move_on_after(timeout):
+            while True:
+                event = await endpoint.next_event()
+                if isinstance(event, h11.Response):
+                    return event
+                if not isinstance(event, h11.InformationalResponse):
+                    raise BadGateway(f"the parent proxy sent {type(event).__name__} to CONNECT")
+        raise GatewayTimeout(f"the parent proxy did not answer CONNECT within {timeout:g} s")
 
     @staticmethod
     async def discard(upstream: PooledUpstream) -> None:
