@@ -1,4 +1,5 @@
-"""Shared test helpers: in-memory proxy wiring, a loopback origin, an h11 client.
+"""Shared test helpers: in-memory proxy wiring, a loopback origin, an h11 client,
+a connection under a small budget, and what the real-process tests share.
 
 Protocol tests run the proxy's ``handle_connection`` on in-memory streams and
 inject an ``open_upstream`` that hands out the other end of an in-memory pair,
@@ -7,7 +8,14 @@ so no socket is touched. Loopback tests start a real origin on 127.0.0.1 port 0.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -16,7 +24,9 @@ import trio
 import trio.testing
 
 import trioproxy
+from trioproxy._config import KiB
 from trioproxy._endpoint import UpstreamEndpoint
+from trioproxy._limits import SPARE_DESCRIPTORS, descriptors_needed
 from trioproxy._server import serve
 
 Handler = Callable[[trio.abc.Stream, h11.Request, h11.Connection, list[bytes]], Awaitable[None]]
@@ -190,6 +200,181 @@ def pattern(size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+# --- A proxy connection under a small shared budget ---------------------------
+# (test_memory_budget, test_metrics) In-memory streams; the client's side is a
+# lockstep stream, so a client that stops reading stops the proxy's writes.
+
+BUDGETED_READ_SIZE = KiB  # small chunks keep the tests fast; the bounds scale with them
+BUDGETED_BUFFER_CHUNKS = 4
+BUDGETED_MEMORY = 48 * KiB  # below what 20 stalled connections' channels could hold
+BUDGETED_CONFIG = trioproxy.ProxyConfig(
+    read_size=BUDGETED_READ_SIZE,
+    buffer_chunks=BUDGETED_BUFFER_CHUNKS,
+    max_buffer_memory=BUDGETED_MEMORY,
+)
+PATTERN_BODY = bytes(range(256)) * 256  # 64 KiB, a recognisable pattern
+
+
+async def serve_body(port: UpstreamPort, body: bytes) -> None:
+    """Answer every upstream connection's request with ``body``, then close."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await port.accept()
+            nursery.start_soon(_answer, stream, body)
+
+
+async def _answer(stream: trio.abc.Stream, body: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    await read_h11_message(stream, conn)
+    headers = [(b"Content-Length", str(len(body)).encode())]
+    with contextlib.suppress(trio.BrokenResourceError):
+        await send_h11_message(stream, conn, h11.Response(status_code=200, headers=headers), body)
+
+
+def _request_bytes() -> bytes:
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target="http://origin.test/x", headers=[("Host", "o")])
+    return (conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+
+
+async def stalled_client(
+    stream: trio.abc.Stream, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Send a GET, read the response head, then never read again."""
+    await stream.send_all(_request_bytes())
+    head = await stream.receive_some(64 * KiB)
+    assert head.startswith(b"HTTP/1.1 200")
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def start_budgeted_connection(
+    nursery: trio.Nursery, meters: trioproxy.ProxyMeters, port: UpstreamPort
+) -> trio.abc.Stream:
+    """Run ``handle_connection`` with ``BUDGETED_CONFIG`` and ``meters`` in
+    ``nursery``, upstreams from ``port``; return the client's end."""
+    client_side, proxy_side = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(
+        lambda: trioproxy.handle_connection(
+            proxy_side, BUDGETED_CONFIG, open_upstream=port.open_upstream, meters=meters
+        )
+    )
+    return client_side
+
+
+# --- The real program in a subprocess ----------------------------------------
+# (test_process, test_workers)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Real seconds within which a prompt action (startup, exit) must happen; far
+# above what it takes, so a loaded machine does not make the tests flaky.
+PROMPTLY = 20.0
+CHUNK = b"d" * 10_000
+CHUNKS = 20
+
+
+class LineReader:
+    """Lines from a byte stream (a process's stderr)."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def line(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some(4096)
+            if not chunk:
+                raise EOFError(f"no more lines; unfinished: {bytes(self._buffer)!r}")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line.decode()
+
+    async def until(self, text: str) -> list[str]:
+        """Read lines up to and including the first containing ``text``."""
+        lines = []
+        while True:
+            lines.append(await self.line())
+            if text in lines[-1]:
+                return lines
+
+    async def rest(self) -> str:
+        data = bytes(self._buffer)
+        while chunk := await self._stream.receive_some(4096):
+            data += chunk
+        return data.decode()
+
+
+@attrs.define
+class GatedOrigin:
+    """An origin whose download sends half, then waits for ``release``."""
+
+    release: trio.Event = attrs.Factory(trio.Event)
+    half_sent: trio.Event = attrs.Factory(trio.Event)
+    port: int = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            await read_h11_message(stream, conn)
+            length = str(len(CHUNK) * CHUNKS)
+            head = h11.Response(status_code=200, headers=[("Content-Length", length)])
+            await stream.send_all(conn.send(head) or b"")
+            for n in range(CHUNKS):
+                if n == CHUNKS // 2:
+                    self.half_sent.set()
+                    await self.release.wait()
+                await stream.send_all(conn.send(h11.Data(data=CHUNK)) or b"")
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        except trio.BrokenResourceError:
+            return
+
+
+async def download(proxy_port: int, origin_port: int, received: list[int]) -> int:
+    """GET the origin's file through the proxy; returns the body length.
+
+    Appends each chunk's size to ``received`` as it arrives. Raises
+    ``h11.RemoteProtocolError`` if the connection ends before the body does.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="GET",
+            target=f"http://127.0.0.1:{origin_port}/file",
+            headers=[("Host", f"127.0.0.1:{origin_port}")],
+        )
+        await stream.send_all(conn.send(request) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        total = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                total += len(event.data)
+                received.append(len(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return total
+
+
+def args_for_a_quiet_start() -> list[str]:
+    """No flags, unless this machine's descriptor limit is too low for the
+    default --max-connections (then the proxy rightly warns at startup)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = descriptors_needed(trioproxy.ProxyConfig().max_connections)
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        return []
+    return ["--max-connections", str(max(1, (hard - SPARE_DESCRIPTORS) // 2))]
+
+
 # Loopback origins listen on ephemeral ports, which the default
 # --connect-ports (443 only) refuses; CONNECT tests through the real server
 # allow every port.
@@ -235,3 +420,42 @@ def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     """Two connected ``trio.SocketStream`` (a socketpair: real sockets, no network)."""
     a, b = trio.socket.socketpair()
     return trio.SocketStream(a), trio.SocketStream(b)
+
+
+@attrs.define
+class Proxy:
+    process: trio.Process
+    stderr: LineReader
+    port: int
+    startup_line: str
+
+
+@asynccontextmanager
+async def proxy_process(*args: str, unset: Sequence[str] = ()) -> AsyncIterator[Proxy]:
+    """Start the proxy, read its startup line; kill it at the end if still alive.
+
+    ``unset``: environment variables the proxy must not inherit.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in unset:
+        env.pop(name, None)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stderr is not None
+        stderr = LineReader(process.stderr)
+        with trio.fail_after(PROMPTLY):
+            line = await stderr.until("trioproxy listening on ")
+        startup = line[-1]
+        port = int(startup.rsplit(":", 1)[1])
+        yield Proxy(process, stderr, port, startup)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()

@@ -132,7 +132,7 @@ async def raw_exchange(
             )
             for piece in pieces:
                 await client.send_all(piece)
-                await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()  # the proxy took it in alone
             await client.send_eof()
             while data := await client.receive_some(65536):
                 received += data

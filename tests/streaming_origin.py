@@ -53,13 +53,14 @@ def expected_sha256(size: int) -> str:
 
 @attrs.define
 class OriginLog:
-    """What the origin saw: request heads, connections accepted, and
-    connections that broke."""
+    """What the origin saw: request heads, connections accepted, connections
+    that broke, and whether a /hang request is being held."""
 
     requests: list[h11.Request] = attrs.Factory(list)
     connections: int = 0
     broken: int = 0
     broken_event: trio.Event = attrs.Factory(trio.Event)
+    hanging: trio.Event = attrs.Factory(trio.Event)
 
 
 async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, str]:
@@ -110,6 +111,7 @@ async def _respond(
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         return True
     if parts[0] == "hang":
+        log.hanging.set()
         await trio.sleep_forever()
     if parts[0] == "upload":
         body = f"{length} {digest}".encode()

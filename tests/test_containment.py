@@ -12,6 +12,7 @@ import hashlib
 
 import h11
 import trio
+import trio.testing
 
 import trioproxy
 
@@ -45,12 +46,43 @@ async def closed_port() -> int:
     return port
 
 
-async def test_failures_elsewhere_leave_a_running_download_intact() -> None:
+async def timed_out_exchange(
+    port: int, raw: bytes, log: OriginLog, clock: trio.testing.MockClock, seconds: float
+) -> bytes:
+    """``exchange`` a request for the origin's /hang; once the origin holds
+    it, jump the clock by ``seconds`` (the proxy's head timeout)."""
+    answer: list[bytes] = []
+    answered = trio.Event()
+
+    async def run() -> None:
+        answer.append(await exchange(port, raw))
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await log.hanging.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the proxy waits for the head
+        clock.jump(seconds)
+        with trio.fail_after(30):  # a bound on a hang: the answer is due now
+            await answered.wait()
+    return answer[0]
+
+
+async def test_failures_elsewhere_leave_a_running_download_intact(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     """400, 431, 502 (refused and unresolvable), 504, an upstream dying
     mid-body and a client leaving mid-body, all while a download is paused
     mid-body: the download then completes byte-exact and serving goes on."""
+    # Real sockets, so the clock runs at real speed; the proxy's timeouts are
+    # its defaults (60 s for a response head, 120 s of stall), which no step
+    # reaches by itself on however loaded a machine. The 504 comes when the
+    # test jumps the clock past the head timeout, which stays within the
+    # paused download's stall timeout.
+    mock_clock.rate = 1
     log = OriginLog()
-    config = trioproxy.ProxyConfig(upstream_timeout=0.5)
+    config = trioproxy.ProxyConfig()
+    assert config.upstream_timeout < config.stall_timeout
     async with trio.open_nursery() as nursery:
         origin = await nursery.start(serve_streaming_origin, log)
         port = await start_proxy(nursery, config)
@@ -81,7 +113,13 @@ async def test_failures_elsewhere_leave_a_running_download_intact() -> None:
             ),
             "refused": await exchange(port, get(f"http://127.0.0.1:{await closed_port()}/")),
             "unresolvable": await exchange(port, get(f"http://{'b' * 64}.invalid/")),
-            "timeout": await exchange(port, get(f"http://127.0.0.1:{origin}/hang")),
+            "timeout": await timed_out_exchange(
+                port,
+                get(f"http://127.0.0.1:{origin}/hang"),
+                log,
+                mock_clock,
+                config.upstream_timeout,
+            ),
             "dies": await exchange(port, get(f"http://127.0.0.1:{origin}/die/5000000/2000000")),
             "leaves": await exchange(
                 port, get(f"http://127.0.0.1:{origin}/bytes/1000000000"), read_all=False

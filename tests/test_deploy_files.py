@@ -29,7 +29,7 @@ from trioproxy import ProxyConfig
 from trioproxy._cli import build_parser, config_from_args
 from trioproxy._metrics import CONNECTION_OVERHEAD_BYTES, EXCHANGE_OVERHEAD_BYTES
 
-from .test_process import PROMPTLY, proxy_process
+from .helpers import PROMPTLY, proxy_process
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "trioproxy.service"

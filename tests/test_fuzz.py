@@ -245,7 +245,7 @@ async def exchange(chunks: list[bytes]) -> bytes:
                 try:
                     for chunk in chunks:
                         await client.send_all(chunk)
-                        await trio.sleep(0.001)
+                        await trio.testing.wait_all_tasks_blocked()  # one chunk at a time
                     await client.send_eof()
                 except trio.BrokenResourceError:
                     pass

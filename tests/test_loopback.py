@@ -32,6 +32,9 @@ HUGE_UPLOAD = 200 * 1024 * 1024
 # hundreds of chunks but keeps the suite fast.
 DOWNLOAD_SIZE = 16 * 1024 * 1024
 UPLOAD_SIZE = 8 * 1024 * 1024
+# Real seconds within which the origin must see a client's leaving: far more
+# than it takes on a loaded machine, far less than the stall timeout.
+CLIENT_GONE_BOUND = 30
 
 
 @attrs.frozen
@@ -144,18 +147,19 @@ async def test_upstream_dying_mid_body_makes_curl_exit_18(mode: str) -> None:
             assert status == 18
 
 
-async def test_client_leaving_closes_the_upstream_within_a_second() -> None:
+async def test_client_leaving_closes_the_upstream() -> None:
     """When the client drops mid-download, the origin sees its connection
-    break within 1 s (cancellation reaches the upstream)."""
+    break (cancellation reaches the upstream; that it takes no time at all is
+    test_exchange's, on a virtual clock)."""
     async with running("reverse") as setup:
         client = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
         async with client:
             await client.send_all(b"GET /bytes/1000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await client.receive_some(65536)
-            left_at = trio.current_time()
-        with trio.fail_after(1):
+        # A bound on a hang, not on speed: nothing but the client's leaving
+        # ends the origin's connection before the stall timeout (120 s).
+        with trio.fail_after(CLIENT_GONE_BOUND):
             await setup.log.broken_event.wait()
-        assert trio.current_time() - left_at < 1
 
 
 async def test_reverse_mode_adds_forwarding_fields_over_tcp() -> None:

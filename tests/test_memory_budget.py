@@ -7,7 +7,6 @@ streams that read the response head and then never read again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import h11
@@ -18,55 +17,26 @@ import trio.testing
 import trioproxy
 from trioproxy._body import pump_body
 from trioproxy._budget import MemoryBudget
+from trioproxy._config import KiB
 from trioproxy._endpoint import ClientEndpoint, UpstreamEndpoint
 from trioproxy._relay import BufferGauge, Progress, relay
 
-from .helpers import UpstreamPort, read_h11_message, send_h11_message
-
-KiB = 1024
-READ_SIZE = KiB  # small chunks keep the test fast; the bound scales with them
-BUFFER_CHUNKS = 4
-PER_PUMP_BOUND = (BUFFER_CHUNKS + 2) * READ_SIZE  # 6 KiB
-STALLED_CLIENTS = 20  # together they could hold 20 x 6 KiB = 120 KiB
-BUDGET = 48 * KiB  # well below that sum
-BODY = bytes(range(256)) * 256  # 64 KiB, a recognisable pattern
-
-CONFIG = trioproxy.ProxyConfig(
-    read_size=READ_SIZE, buffer_chunks=BUFFER_CHUNKS, max_buffer_memory=BUDGET
+from .helpers import (
+    BUDGETED_BUFFER_CHUNKS,
+    BUDGETED_CONFIG,
+    BUDGETED_MEMORY,
+    BUDGETED_READ_SIZE,
+    PATTERN_BODY,
+    UpstreamPort,
+    read_h11_message,
+    send_h11_message,
+    serve_body,
+    stalled_client,
+    start_budgeted_connection,
 )
 
-
-async def serve_origin(port: UpstreamPort, body: bytes) -> None:
-    """Answer every upstream connection's request with ``body``, then close."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            stream = await port.accept()
-            nursery.start_soon(_answer, stream, body)
-
-
-async def _answer(stream: trio.abc.Stream, body: bytes) -> None:
-    conn = h11.Connection(h11.SERVER)
-    await read_h11_message(stream, conn)
-    headers = [(b"Content-Length", str(len(body)).encode())]
-    with contextlib.suppress(trio.BrokenResourceError):
-        await send_h11_message(stream, conn, h11.Response(status_code=200, headers=headers), body)
-
-
-def request_bytes() -> bytes:
-    conn = h11.Connection(h11.CLIENT)
-    request = h11.Request(method="GET", target="http://origin.test/x", headers=[("Host", "o")])
-    return (conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b"")
-
-
-async def stalled_client(
-    stream: trio.abc.Stream, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Send a GET, read the response head, then never read again."""
-    await stream.send_all(request_bytes())
-    head = await stream.receive_some(64 * KiB)
-    assert head.startswith(b"HTTP/1.1 200")
-    task_status.started()
-    await trio.sleep_forever()
+PER_PUMP_BOUND = (BUDGETED_BUFFER_CHUNKS + 2) * BUDGETED_READ_SIZE  # 6 KiB
+STALLED_CLIENTS = 20  # together they could hold 20 x 6 KiB = 120 KiB, over BUDGETED_MEMORY
 
 
 async def fetch(stream: trio.abc.Stream) -> tuple[int, bytes]:
@@ -79,18 +49,6 @@ async def fetch(stream: trio.abc.Stream) -> tuple[int, bytes]:
     return response.status_code, body
 
 
-async def start_connection(
-    nursery: trio.Nursery, meters: trioproxy.ProxyMeters, port: UpstreamPort
-) -> trio.abc.Stream:
-    client_side, proxy_side = trio.testing.lockstep_stream_pair()
-    nursery.start_soon(
-        lambda: trioproxy.handle_connection(
-            proxy_side, CONFIG, open_upstream=port.open_upstream, meters=meters
-        )
-    )
-    return client_side
-
-
 def held_bytes(meters: trioproxy.ProxyMeters) -> int:
     return meters.request_bodies.held + meters.response_bodies.held
 
@@ -101,26 +59,26 @@ async def test_stalled_clients_cannot_exceed_the_budget_or_block_a_fresh_one(
     """With 20 stalled clients whose channels could hold 120 KiB, at most the
     48 KiB budget is ever held, and a fresh client still gets its whole body
     byte for byte; when all connections end the budget is back to zero."""
-    meters = trioproxy.ProxyMeters.for_config(CONFIG)
+    meters = trioproxy.ProxyMeters.for_config(BUDGETED_CONFIG)
     assert meters.budget is not None
     port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_origin, port, BODY)
+        nursery.start_soon(serve_body, port, PATTERN_BODY)
         for _ in range(STALLED_CLIENTS):
-            client = await start_connection(nursery, meters, port)
+            client = await start_budgeted_connection(nursery, meters, port)
             await nursery.start(stalled_client, client)
             await trio.testing.wait_all_tasks_blocked()
-            assert held_bytes(meters) <= meters.budget.statistics().held <= BUDGET
+            assert held_bytes(meters) <= meters.budget.statistics().held <= BUDGETED_MEMORY
         statistics = meters.budget.statistics()
-        assert statistics.held > BUDGET // 2  # the stalled clients did fill it
-        assert statistics.peak <= BUDGET
-        assert meters.response_bodies.peak <= BUDGET
+        assert statistics.held > BUDGETED_MEMORY // 2  # the stalled clients did fill it
+        assert statistics.peak <= BUDGETED_MEMORY
+        assert meters.response_bodies.peak <= BUDGETED_MEMORY
 
-        fresh = await start_connection(nursery, meters, port)
+        fresh = await start_budgeted_connection(nursery, meters, port)
         with trio.fail_after(30):  # virtual seconds: a deadlock fails, not hangs
             status, body = await fetch(fresh)
-        assert (status, body == BODY) == (200, True)
-        assert meters.budget.statistics().peak <= BUDGET
+        assert (status, body == PATTERN_BODY) == (200, True)
+        assert meters.budget.statistics().peak <= BUDGETED_MEMORY
         nursery.cancel_scope.cancel()
     assert meters.budget.statistics().held == 0
     assert meters.budget.statistics().waiting == 0
@@ -134,16 +92,16 @@ async def test_client_leaving_mid_transfer_returns_its_share(
     """A client that disconnects mid-body ends its exchange quietly (no error
     group logged as a bug), and everything it held (channel, reader's and
     writer's chunks) goes back to the budget."""
-    meters = trioproxy.ProxyMeters.for_config(CONFIG)
+    meters = trioproxy.ProxyMeters.for_config(BUDGETED_CONFIG)
     assert meters.budget is not None
     port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_origin, port, BODY)
-        client = await start_connection(nursery, meters, port)
+        nursery.start_soon(serve_body, port, PATTERN_BODY)
+        client = await start_budgeted_connection(nursery, meters, port)
         await nursery.start(stalled_client, client)
-        await client.receive_some(3 * READ_SIZE)  # a little of the body
+        await client.receive_some(3 * BUDGETED_READ_SIZE)  # a little of the body
         await trio.testing.wait_all_tasks_blocked()
-        assert meters.budget.statistics().held >= PER_PUMP_BOUND - READ_SIZE
+        assert meters.budget.statistics().held >= PER_PUMP_BOUND - BUDGETED_READ_SIZE
         await client.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert meters.client_connections == 0
@@ -162,7 +120,7 @@ async def test_relay_with_budget_is_byte_exact_and_returns_the_budget() -> None:
     received = bytearray()
 
     async def feed() -> None:
-        await source_send.send_all(BODY)
+        await source_send.send_all(PATTERN_BODY)
         await source_send.aclose()
 
     async def drain() -> None:
@@ -175,8 +133,8 @@ async def test_relay_with_budget_is_byte_exact_and_returns_the_budget() -> None:
         nursery.start_soon(drain)
         statistics = await relay(source, sink, read_size=KiB, budget=budget)
         await sink.aclose()
-    assert statistics.bytes_relayed == len(BODY)
-    assert bytes(received) == BODY
+    assert statistics.bytes_relayed == len(PATTERN_BODY)
+    assert bytes(received) == PATTERN_BODY
     assert budget.statistics().held == 0
     assert budget.statistics().peak <= 3 * KiB
 

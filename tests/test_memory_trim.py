@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -62,9 +63,45 @@ async def test_trims_once_after_work_settles(
         nursery.cancel_scope.cancel()
 
 
-def test_trim_heap_is_safe_to_call() -> None:
-    """``trim_heap`` works here (glibc) or is a no-op, and never raises."""
-    assert _memory.trim_heap() in (True, False)
+def test_trim_heap_reports_what_malloc_trim_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trim_heap`` asks ``malloc_trim`` to keep no pad (argument 0) and says
+    True only if it released something; without ``malloc_trim`` (not glibc)
+    it does nothing and says False."""
+    pads: list[int] = []
+
+    def malloc_trim(released: int) -> Callable[[int], int]:
+        def trim(pad: int) -> int:
+            pads.append(pad)
+            return released
+
+        return trim
+
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: malloc_trim(1))
+    assert _memory.trim_heap() is True
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: malloc_trim(0))
+    assert _memory.trim_heap() is False
+    assert pads == [0, 0]
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)
+    assert _memory.trim_heap() is False
+
+
+def _glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
+def test_trim_heap_finds_and_calls_glibcs_malloc_trim() -> None:
+    """On glibc the trimmer finds ``malloc_trim`` (through ctypes), and a trim
+    after a load's chunks were freed reports pages given back. (glibc counts
+    every free page it advises away, so any heap that freed memory reports
+    True; what this guards is that the trim reaches glibc at all.)"""
+    assert _memory._malloc_trim() is not None
+    chunks = [bytearray(64 * 1024) for _ in range(128)]  # a load's 64 KiB chunks
+    del chunks
+    assert _memory.trim_heap() is True
 
 
 async def test_trims_again_when_lingering_tasks_end(
@@ -143,10 +180,13 @@ def test_glibc_tunables_turn_the_tcache_off_and_keep_the_users(
     assert _memory.glibc_tunables(current) == expected
 
 
-async def test_the_server_shows_the_trimmer_its_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_server_shows_the_trimmer_its_pool(
+    monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
     """``serve`` hands the trimmer a count of the upstream pool's idle
-    connections: 1 once a reverse-proxied response is done, 0 once the
-    pool's idle timeout has closed it."""
+    connections: 1 once a reverse-proxied response is done and until the
+    pool's idle timeout (``--upstream-idle-timeout``) has passed, 0 once it
+    has closed it."""
     counts: list[Callable[[], int]] = []
 
     async def capture(meters: trioproxy.ProxyMeters, idle_upstreams: Callable[[], int]) -> None:
@@ -154,9 +194,16 @@ async def test_the_server_shows_the_trimmer_its_pool(monkeypatch: pytest.MonkeyP
         await trio.sleep_forever()
 
     monkeypatch.setattr(_server, "trim_heap_when_idle", capture)
-    config = trioproxy.ProxyConfig(upstream="http://origin.test:9000", upstream_idle_timeout=0.2)
+    # The clock runs at real speed (so fail_after still catches a hang) and
+    # the idle timeout is far beyond what this test takes: the pooled
+    # connection expires only when the test jumps the clock past it.
+    mock_clock.rate = 1
+    idle_timeout = 600.0
+    config = trioproxy.ProxyConfig(
+        upstream="http://origin.test:9000", upstream_idle_timeout=idle_timeout
+    )
     upstream = UpstreamPort()
-    with trio.fail_after(20):  # a bound on a hang, not a timing check
+    with trio.fail_after(idle_timeout + 20):  # a bound on a hang, not a timing check
         async with trio.open_nursery() as nursery:
             port = await start_proxy(nursery, config, open_upstream=upstream.open_upstream)
             (idle_upstreams,) = counts
@@ -170,7 +217,10 @@ async def test_the_server_shows_the_trimmer_its_pool(monkeypatch: pytest.MonkeyP
             assert isinstance(head, h11.Response)
             await trio.testing.wait_all_tasks_blocked()
             assert idle_upstreams() == 1
-            await trio.sleep(config.upstream_idle_timeout)  # its expiry has passed
+            mock_clock.jump(idle_timeout / 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_upstreams() == 1  # kept: the pool's timeout has not passed
+            mock_clock.jump(idle_timeout / 2)  # now it has
             await trio.testing.wait_all_tasks_blocked()
             assert idle_upstreams() == 0
             await client.aclose()

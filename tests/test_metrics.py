@@ -13,14 +13,14 @@ import trio.testing
 import trioproxy
 from trioproxy._metrics import answer_scrape, memory_report, render_prometheus, serve_metrics
 
-from .helpers import UpstreamPort
-from .test_memory_budget import (
-    BODY,
-    CONFIG,
-    READ_SIZE,
-    serve_origin,
+from .helpers import (
+    BUDGETED_CONFIG,
+    BUDGETED_READ_SIZE,
+    PATTERN_BODY,
+    UpstreamPort,
+    serve_body,
     stalled_client,
-    start_connection,
+    start_budgeted_connection,
 )
 
 
@@ -57,13 +57,13 @@ async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
     """Mid-transfer, /metrics and /debug/memory report the open connections,
     the bytes buffered (equal to the pump's gauge), the budget, and an RSS;
     the JSON's buffered total matches the metric."""
-    meters = trioproxy.ProxyMeters.for_config(CONFIG)
+    meters = trioproxy.ProxyMeters.for_config(BUDGETED_CONFIG)
     port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_origin, port, BODY)
-        client = await start_connection(nursery, meters, port)
+        nursery.start_soon(serve_body, port, PATTERN_BODY)
+        client = await start_budgeted_connection(nursery, meters, port)
         await nursery.start(stalled_client, client)
-        await client.receive_some(2 * READ_SIZE)
+        await client.receive_some(2 * BUDGETED_READ_SIZE)
         await trio.testing.wait_all_tasks_blocked()
 
         status, text_bytes = await scrape(meters, "/metrics")
@@ -72,9 +72,9 @@ async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
         assert sample(text, "trioproxy_open_connections", '{side="client"}') == 1
         assert sample(text, "trioproxy_open_connections", '{side="upstream"}') == 1
         held = meters.response_bodies.held
-        assert held >= READ_SIZE
+        assert held >= BUDGETED_READ_SIZE
         assert sample(text, "trioproxy_buffered_bytes", '{direction="response"}') == held
-        assert sample(text, "trioproxy_buffer_budget_bytes") == CONFIG.max_buffer_memory
+        assert sample(text, "trioproxy_buffer_budget_bytes") == BUDGETED_CONFIG.max_buffer_memory
         assert sample(text, "trioproxy_responses_total", '{status="200"}') == 1
         relayed = sample(text, "trioproxy_relayed_bytes_total", '{direction="response"}')
         assert relayed == meters.response_bodies.relayed > 0
@@ -87,7 +87,7 @@ async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
         assert report["connections"] == {"client": 1, "upstream": 1}
         assert report["ceiling_bytes"] == (
             1000
-            + CONFIG.max_buffer_memory
+            + BUDGETED_CONFIG.max_buffer_memory
             + report["per_connection_overhead_bytes"]
             + report["per_exchange_overhead_bytes"]
         )

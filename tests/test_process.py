@@ -8,171 +8,24 @@ must happen promptly.
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
 
-import attrs
 import h11
 import pytest
 import trio
 
-from trioproxy import ProxyConfig, _memory
-from trioproxy._limits import SPARE_DESCRIPTORS, descriptors_needed
+from trioproxy import _memory
 
-from .helpers import read_h11_message
-
-ROOT = Path(__file__).resolve().parent.parent
-# Real seconds within which a prompt action (startup, exit) must happen; far
-# above what it takes, so a loaded machine does not make the tests flaky.
-PROMPTLY = 20.0
-CHUNK = b"d" * 10_000
-CHUNKS = 20
-
-
-class LineReader:
-    """Lines from a byte stream (a process's stderr)."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def line(self) -> str:
-        while b"\n" not in self._buffer:
-            chunk = await self._stream.receive_some(4096)
-            if not chunk:
-                raise EOFError(f"no more lines; unfinished: {bytes(self._buffer)!r}")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
-        return line.decode()
-
-    async def until(self, text: str) -> list[str]:
-        """Read lines up to and including the first containing ``text``."""
-        lines = []
-        while True:
-            lines.append(await self.line())
-            if text in lines[-1]:
-                return lines
-
-    async def rest(self) -> str:
-        data = bytes(self._buffer)
-        while chunk := await self._stream.receive_some(4096):
-            data += chunk
-        return data.decode()
-
-
-@attrs.define
-class Proxy:
-    process: trio.Process
-    stderr: LineReader
-    port: int
-    startup_line: str
-
-
-@asynccontextmanager
-async def proxy_process(*args: str, unset: Sequence[str] = ()) -> AsyncIterator[Proxy]:
-    """Start the proxy, read its startup line; kill it at the end if still alive.
-
-    ``unset``: environment variables the proxy must not inherit.
-    """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in unset:
-        env.pop(name, None)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert process.stderr is not None
-        stderr = LineReader(process.stderr)
-        with trio.fail_after(PROMPTLY):
-            line = await stderr.until("trioproxy listening on ")
-        startup = line[-1]
-        port = int(startup.rsplit(":", 1)[1])
-        yield Proxy(process, stderr, port, startup)
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-
-
-@attrs.define
-class GatedOrigin:
-    """An origin whose download sends half, then waits for ``release``."""
-
-    release: trio.Event = attrs.Factory(trio.Event)
-    half_sent: trio.Event = attrs.Factory(trio.Event)
-    port: int = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started()
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            await read_h11_message(stream, conn)
-            length = str(len(CHUNK) * CHUNKS)
-            head = h11.Response(status_code=200, headers=[("Content-Length", length)])
-            await stream.send_all(conn.send(head) or b"")
-            for n in range(CHUNKS):
-                if n == CHUNKS // 2:
-                    self.half_sent.set()
-                    await self.release.wait()
-                await stream.send_all(conn.send(h11.Data(data=CHUNK)) or b"")
-            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-        except trio.BrokenResourceError:
-            return
-
-
-async def download(proxy_port: int, origin_port: int, received: list[int]) -> int:
-    """GET the origin's file through the proxy; returns the body length.
-
-    Appends each chunk's size to ``received`` as it arrives. Raises
-    ``h11.RemoteProtocolError`` if the connection ends before the body does.
-    """
-    stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="GET",
-            target=f"http://127.0.0.1:{origin_port}/file",
-            headers=[("Host", f"127.0.0.1:{origin_port}")],
-        )
-        await stream.send_all(conn.send(request) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-        total = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Data):
-                total += len(event.data)
-                received.append(len(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return total
-
-
-def args_for_a_quiet_start() -> list[str]:
-    """No flags, unless this machine's descriptor limit is too low for the
-    default --max-connections (then the proxy rightly warns at startup)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard == resource.RLIM_INFINITY or hard >= descriptors_needed(ProxyConfig().max_connections):
-        return []
-    return ["--max-connections", str(max(1, (hard - SPARE_DESCRIPTORS) // 2))]
+from .helpers import (
+    CHUNK,
+    CHUNKS,
+    PROMPTLY,
+    GatedOrigin,
+    args_for_a_quiet_start,
+    download,
+    proxy_process,
+    read_h11_message,
+)
 
 
 async def expect_cut_download(proxy_port: int, origin_port: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import h11
 import pytest
 import trio
@@ -13,12 +11,7 @@ from trioproxy import _scratch
 from trioproxy._config import KiB
 from trioproxy._endpoint import UpstreamEndpoint
 
-
-def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    left, right = socket.socketpair()
-    return trio.SocketStream(trio.socket.from_stdlib_socket(left)), trio.SocketStream(
-        trio.socket.from_stdlib_socket(right)
-    )
+from .helpers import socket_stream_pair
 
 
 async def test_concurrent_readers_each_get_their_own_bytes() -> None:
@@ -26,7 +19,7 @@ async def test_concurrent_readers_each_get_their_own_bytes() -> None:
     get exactly their peer's bytes: the read and its use happen with no task
     switch in between (a read that yielded after the syscall, as trio's
     ``recv_into`` does, would let another reader overwrite the buffer)."""
-    pairs = [socket_pair() for _ in range(8)]
+    pairs = [socket_stream_pair() for _ in range(8)]
     received: list[bytearray] = [bytearray() for _ in pairs]
     size = 40 * KiB
 
@@ -53,7 +46,7 @@ async def test_concurrent_readers_each_get_their_own_bytes() -> None:
 async def test_buffer_is_the_largest_read_size_asked_for() -> None:
     """The buffer's bound: it is as large as the largest read asked for, no
     larger, however many reads and connections use it."""
-    writer, reader = socket_pair()
+    writer, reader = socket_stream_pair()
     sock = _scratch.scratch_socket(reader)
     assert sock is not None
     before = _scratch.scratch_size()
@@ -73,7 +66,7 @@ async def test_buffer_is_the_largest_read_size_asked_for() -> None:
 async def test_a_cancelled_read_takes_nothing() -> None:
     """A read cancelled while it waits consumes no bytes: the next read gets
     everything the peer sent."""
-    writer, reader = socket_pair()
+    writer, reader = socket_stream_pair()
     sock = _scratch.scratch_socket(reader)
     assert sock is not None
     with trio.move_on_after(0) as waiting:
@@ -90,7 +83,7 @@ async def test_only_plain_sockets_read_through_the_scratch_buffer() -> None:
     socket reads through the scratch buffer and h11 still gets the bytes."""
     memory_stream, _ = trio.testing.memory_stream_pair()
     assert _scratch.scratch_socket(memory_stream) is None
-    writer, reader = socket_pair()
+    writer, reader = socket_stream_pair()
     assert _scratch.scratch_socket(reader) is reader.socket
     endpoint = UpstreamEndpoint(reader, read_size=KiB, max_head_size=64 * KiB)
     await endpoint.send_head(
@@ -111,7 +104,7 @@ async def test_without_readv_every_stream_keeps_receive_some(
 ) -> None:
     """Where os.readv does not exist (Windows), no stream reads through the
     scratch buffer."""
-    writer, reader = socket_pair()
+    writer, reader = socket_stream_pair()
     monkeypatch.setattr(_scratch, "READV_AVAILABLE", False)
     assert _scratch.scratch_socket(reader) is None
     writer.socket.close()

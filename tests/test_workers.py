@@ -42,7 +42,7 @@ from trioproxy._workers import (
     worker_command,
 )
 
-from .test_process import (
+from .helpers import (
     CHUNK,
     CHUNKS,
     PROMPTLY,
