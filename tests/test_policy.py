@@ -352,7 +352,7 @@ async def test_loop_to_a_port_0_listener_is_detected_over_tcp() -> None:
 
 async def test_unknown_peer_address_fails_closed() -> None:
     """A TCP stream whose peer address cannot be read counts as 'unknown', which no list allows."""
-    from trioproxy._connection import _peer_host
+    from trioproxy._origin import _peer_host
 
     with trio.socket.socket() as sock:  # never connected: getpeername raises ENOTCONN
         stream = trio.SocketStream(sock)

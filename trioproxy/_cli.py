@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operations_arguments(parser)
     _add_pool_arguments(parser)
     _add_parent_arguments(parser)
+    _add_proxy_protocol_arguments(parser)
     _add_logging_arguments(parser)
     parser.add_argument(
         "--workers",
@@ -290,6 +291,27 @@ def _add_parent_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_proxy_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """HAProxy's PROXY protocol, in and out."""
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every connection starts with a PROXY protocol header (v1 or v2) "
+        "whose address is the client",
+    )
+    parser.add_argument(
+        "--proxy-protocol-from",
+        action="append",
+        metavar="CIDR",
+        help="peers that may send the PROXY header (repeatable; default: loopback)",
+    )
+    parser.add_argument(
+        "--upstream-send-proxy",
+        choices=["v1", "v2"],
+        help="reverse mode: start each upstream connection with a PROXY header of this version",
+    )
+
+
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """Diagnostics and the access log."""
     parser.add_argument(
@@ -343,6 +365,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         upstream_idle_timeout=args.upstream_idle_timeout,
         parent_proxy=args.parent_proxy,
         no_parent_for=args.no_parent_for,
+        proxy_protocol=args.proxy_protocol,
+        proxy_protocol_from=(
+            args.proxy_protocol_from if args.proxy_protocol_from else LOOPBACK_NETWORKS
+        ),
+        upstream_send_proxy=args.upstream_send_proxy,
     )
 
 

@@ -273,6 +273,20 @@ class ProxyConfig:
     # Targets that go direct even with a parent: host, .domain or CIDR.
     no_parent_for: tuple[str, ...] = attrs.field(default=(), converter=parse_no_parent)
 
+    # --- PROXY protocol (see _proxy_protocol) ---
+    # Every accepted connection starts with a PROXY protocol header (v1 or
+    # v2) from a balancer; the address it carries is the client.
+    proxy_protocol: bool = False
+    # Peers that may send that header; a connection from elsewhere is closed.
+    proxy_protocol_from: tuple[IPNetwork, ...] = attrs.field(
+        default=LOOPBACK_NETWORKS, converter=parse_networks
+    )
+    # Reverse mode: start each upstream connection with the client's address
+    # in a PROXY protocol header of this version; None: send none.
+    upstream_send_proxy: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(("v1", "v2")))
+    )
+
     @property
     def credentials(self) -> bytes | None:
         """``auth`` as the bytes Basic credentials carry, or None."""

@@ -20,11 +20,8 @@ this connection ends.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 from collections.abc import Collection
-from typing import Any
 
 import h11
 import trio
@@ -36,6 +33,7 @@ from ._errors import STREAM_ERRORS, ClientGone, ProxyError
 from ._exchange import Exchange, ExchangeContext
 from ._http import error_response
 from ._metrics import ProxyMeters
+from ._origin import own_addresses, read_client_origin, upstream_preface
 from ._policy import client_allowed
 from ._pool import UpstreamPool
 from ._shutdown import Shutdown
@@ -81,8 +79,10 @@ async def handle_connection(
             connection closes at once and a busy one after its exchange.
         client_address: the client's IP address, checked against
             ``config.allow``. By default the peer address of a TCP stream (or
-            of TLS over TCP); a stream without one (in-memory, Unix socket)
-            skips the allow list: its acceptor decided who may connect.
+            of TLS over TCP), or with ``config.proxy_protocol`` the address
+            the peer's PROXY header carries (``_origin``); a stream without
+            one (in-memory, Unix socket) skips the allow list: its acceptor
+            decided who may connect.
         listen_addresses: ``(host, port)`` of the listeners serving this
             connection, for loop detection; the stream's own local address
             and ``config.listen_host:listen_port`` (unless port 0) count too.
@@ -95,25 +95,31 @@ async def handle_connection(
     its traceback, and only this connection ends.
     """
     meters = meters if meters is not None else ProxyMeters.for_config(config)
-    client_host = client_address if client_address is not None else _peer_host(stream)
-    context = ExchangeContext(
-        config=config,
-        meters=meters,
-        upstreams=UpstreamConnector(
-            config, open_upstream, pool if pool is not None else UpstreamPool(max_idle=0)
-        ),
-        client_host=client_host,
-        client_allowed=client_host is None or client_allowed(client_host, config.allow),
-        own_addresses=_own_addresses(stream, config, listen_addresses),
-    )
-    client = ClientEndpoint(
-        stream,
-        read_size=config.read_size,
-        max_head_size=config.max_head_size,
-        head_limits=config.head_limits,
-    )
     meters.client_connections += 1
+    client_host: str | None = client_address
     try:
+        origin = await read_client_origin(stream, config, client_address)
+        if origin is None:
+            return  # logged: no valid PROXY header
+        client_host = origin.host
+        context = ExchangeContext(
+            config=config,
+            meters=meters,
+            upstreams=UpstreamConnector(
+                config, open_upstream, pool if pool is not None else UpstreamPool(max_idle=0)
+            ),
+            client_host=client_host,
+            client_allowed=client_host is None or client_allowed(client_host, config.allow),
+            own_addresses=own_addresses(stream, config, listen_addresses),
+            upstream_preface=upstream_preface(config, origin),
+        )
+        client = ClientEndpoint(
+            stream,
+            read_size=config.read_size,
+            max_head_size=config.max_head_size,
+            head_limits=config.head_limits,
+            initial=origin.initial,
+        )
         await _serve_requests(client, context, shutdown if shutdown is not None else Shutdown())
     except ClientGone as exc:
         logger.debug("client %s left: %s", client_host, exc)
@@ -194,43 +200,3 @@ async def _linger(stream: trio.abc.Stream) -> None:
                 discarded += len(data)
         except STREAM_ERRORS:
             return
-
-
-def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The TCP socket under ``stream`` (through TLS), if there is one."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
-        return None
-    if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return stream.socket
-
-
-def _peer_host(stream: trio.abc.Stream) -> str | None:
-    """The client's IP address, if ``stream`` is TCP (or TLS over TCP)."""
-    sock = _tcp_socket(stream)
-    if sock is None:
-        return None
-    try:
-        address: Any = sock.getpeername()
-    except OSError:
-        # The client already left (ENOTCONN). Fail closed: "unknown" is in
-        # no allow list, so anything it may have sent is refused.
-        return "unknown"
-    return str(address[0])
-
-
-def _own_addresses(
-    stream: trio.abc.Stream, config: ProxyConfig, listen_addresses: Collection[tuple[str, int]]
-) -> frozenset[tuple[str, int]]:
-    """Every ``(host, port)`` that reaches this proxy, as far as we know."""
-    own = set(listen_addresses)
-    if config.listen_port != 0:
-        own.add((config.listen_host, config.listen_port))
-    sock = _tcp_socket(stream)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            address: Any = sock.getsockname()
-            own.add((str(address[0]), int(address[1])))
-    return frozenset(own)

@@ -311,6 +311,8 @@ class ClientEndpoint(H11Endpoint):
     Args:
         head_limits: if given, every request head is checked byte for byte by
             a ``RequestHeadGuard`` before h11 parses it (see ``_framing``).
+        initial: bytes already read from ``stream`` that start its HTTP (at
+            most one read's worth).
     """
 
     def __init__(
@@ -320,8 +322,12 @@ class ClientEndpoint(H11Endpoint):
         read_size: int,
         max_head_size: int,
         head_limits: HeadLimits | None = None,
+        initial: bytes = b"",
     ) -> None:
         super().__init__(stream, h11.SERVER, read_size=read_size, max_head_size=max_head_size)
+        if initial:  # bytes a caller read first (past a PROXY header): the start of HTTP
+            self._conn.receive_data(initial)
+            self.bytes_received += len(initial)
         self._head_limits = head_limits
         self._head_guard: RequestHeadGuard | None = None
         # The method of the request being answered: a response to HEAD has no

@@ -160,7 +160,7 @@ def client_head(response: h11.Response, *, close: bool = False) -> h11.Response:
 # --- The exchange ------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class ExchangeContext:
     """What every exchange of one client connection shares.
 
@@ -172,6 +172,8 @@ class ExchangeContext:
         client_allowed: the allow list's verdict on ``client_host``, computed
             once per connection, not parsed again for every request.
         own_addresses: every ``(host, port)`` that reaches this proxy.
+        upstream_preface: the PROXY protocol header each new upstream
+            connection starts with (``--upstream-send-proxy``), or b"".
     """
 
     config: ProxyConfig
@@ -180,6 +182,7 @@ class ExchangeContext:
     client_host: str | None
     client_allowed: bool
     own_addresses: Collection[tuple[str, int]]
+    upstream_preface: bytes = b""
 
 
 class Exchange:
@@ -311,7 +314,9 @@ class Exchange:
             self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
         host, port = (target.host, target.port) if self._parent is None else self._parent.address
         upstreams = self.context.upstreams
-        upstream = await upstreams.checkout(host, port)
+        preface = self.context.upstream_preface
+        owner = self.context if preface else None  # such a connection is this client's alone
+        upstream = await upstreams.checkout(host, port, preface=preface, owner=owner)
         self.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
         try:
             try:
@@ -321,7 +326,7 @@ class Exchange:
                     raise
                 logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
                 await upstreams.discard(upstream)
-                upstream = await upstreams.connect(host, port)
+                upstream = await upstreams.connect(host, port, preface=preface, owner=owner)
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
         except BaseException:
             await upstreams.discard(upstream)

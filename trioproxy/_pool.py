@@ -62,11 +62,15 @@ class PooledUpstream:
         bytes_before: ``endpoint.bytes_received`` when it was handed out, so
             that ``may_retry`` can tell whether the current response sent any.
         idle_since: ``trio.current_time()`` when it went back to the pool.
+        owner: None for a connection any exchange may reuse; else the only
+            owner whose exchanges may (a connection that began with one
+            client's PROXY protocol header carries that client's address).
     """
 
     endpoint: UpstreamEndpoint
     host: str
     port: int
+    owner: object = None
     reused: bool = False
     bytes_before: int = 0
     idle_since: float = 0.0
@@ -115,13 +119,14 @@ class UpstreamPool:
         """How many idle connections the pool holds now."""
         return len(self._idle)
 
-    async def checkout(self, host: str, port: int) -> PooledUpstream | None:
-        """Take the most recently returned live connection to ``host:port``.
+    async def checkout(self, host: str, port: int, owner: object = None) -> PooledUpstream | None:
+        """Take the most recently returned live connection to ``host:port`` of
+        ``owner`` (None: a connection any exchange may reuse).
 
         Idle connections to it that the upstream closed meanwhile
         (``looks_closed``) are closed and dropped on the way.
         """
-        while (candidate := self._take_newest(host, port)) is not None:
+        while (candidate := self._take_newest(host, port, owner)) is not None:
             if looks_closed(candidate.endpoint.stream):
                 logger.debug("pooled upstream connection was closed by %s:%d", host, port)
                 await trio.aclose_forcefully(candidate.endpoint.stream)
@@ -131,11 +136,12 @@ class UpstreamPool:
             return candidate
         return None
 
-    def _take_newest(self, host: str, port: int) -> PooledUpstream | None:
-        """Remove and return the most recently returned idle connection to ``host:port``."""
+    def _take_newest(self, host: str, port: int, owner: object) -> PooledUpstream | None:
+        """Remove and return the most recently returned idle connection to
+        ``host:port`` of ``owner``."""
         for index in range(len(self._idle) - 1, -1, -1):
             candidate = self._idle[index]
-            if candidate.host == host and candidate.port == port:
+            if candidate.host == host and candidate.port == port and candidate.owner is owner:
                 del self._idle[index]
                 return candidate
         return None

@@ -68,24 +68,40 @@ class UpstreamConnector:
         self._open = open_upstream
         self.pool = pool
 
-    async def checkout(self, host: str, port: int) -> PooledUpstream:
+    async def checkout(
+        self, host: str, port: int, *, preface: bytes = b"", owner: object = None
+    ) -> PooledUpstream:
         """An idle pooled connection to ``host:port`` if there is one, else a new one.
+
+        ``preface`` (a PROXY protocol header) is written first on a new
+        connection; such a connection carries one client's address, so only
+        exchanges of its ``owner`` (that client's connection) reuse it.
 
         Raises:
             BadGateway: the upstream cannot be reached.
             GatewayTimeout: connecting took over ``connect_timeout``.
         """
-        upstream = await self.pool.checkout(host, port)
-        return upstream if upstream is not None else await self.connect(host, port)
+        upstream = await self.pool.checkout(host, port, owner)
+        if upstream is None:
+            upstream = await self.connect(host, port, preface=preface, owner=owner)
+        return upstream
 
-    async def connect(self, host: str, port: int) -> PooledUpstream:
-        """A new HTTP connection to ``host:port``; raises as ``checkout``."""
+    async def connect(
+        self, host: str, port: int, *, preface: bytes = b"", owner: object = None
+    ) -> PooledUpstream:
+        """A new HTTP connection to ``host:port``; as ``checkout``."""
         stream = await self.open_stream(host, port)
         config = self._config
         endpoint = UpstreamEndpoint(
             stream, read_size=config.read_size, max_head_size=config.max_head_size
         )
-        return PooledUpstream(endpoint, host, port)
+        if preface:
+            try:
+                await endpoint.send_framed(preface)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        return PooledUpstream(endpoint, host, port, owner)
 
     async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
         """A new stream to ``host:port`` (a tunnel's, or under ``connect``).
