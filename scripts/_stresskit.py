@@ -1,4 +1,4 @@
-# Shared pieces of the stress scripts: the verifiable payload, pacing, and size parsing.
+# Shared pieces of the stress scripts: the verifiable payload, pacing, address parsing.
 #
 # Why a payload pattern: the stress suite moves gigabytes through a proxy and must
 # prove every byte arrived intact without keeping a copy. The payload is a fixed
@@ -15,6 +15,8 @@
 #
 # This module has no I/O of its own apart from trio.sleep; it is imported by
 # origin.py, naive_relay.py and stress.py (which run with scripts/ on sys.path).
+# Sizes are parsed and printed by trioproxy._units, with the proxy's own rule
+# (64k = 65536, 64kB = 64000); before issue #10 this module read 64k as 64000.
 
 from __future__ import annotations
 
@@ -132,29 +134,6 @@ class Pacer:
             await trio.lowlevel.checkpoint()
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def parse_size(text: str) -> int:
-    """Parse '1GiB', '100MB', '64k', '20M', '1.5GB', '4096' into bytes.
-
-    Decimal prefixes (kB, MB, GB) are powers of 1000, binary ones (KiB, MiB, GiB)
-    powers of 1024, as in the IEC convention; a bare 'k'/'M'/'G' is decimal.
-
-    Raises:
-        ValueError: the text is not a size.
-    """
-    match = _SIZE_RE.match(text)
-    if match is None:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64KiB, 100MB, 1GiB)")
-    number, prefix, binary, _ = match.groups()
-    if binary and not prefix:
-        raise ValueError(f"not a size: {text!r} ('i' needs a prefix, as in KiB)")
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** _SIZE_POWERS[prefix.lower()])
-
-
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split 'HOST:PORT' (as given to --listen); the port may be 0."""
     host, sep, port = text.rpartition(":")
@@ -169,12 +148,3 @@ def parse_http_url(url: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"expected http://HOST:PORT, got {url!r}")
     return match.group(1), int(match.group(2))
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size, e.g. '1.00 GiB', '812.4 MiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -83,6 +83,8 @@ import attrs
 import psutil
 from _procs import START_TIMEOUT, STOP_GRACE, ProcessFailed, RssSampler, Server, free_port
 
+from trioproxy._units import UNITS_HELP, for_argparse, format_size, parse_duration, parse_size
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 
@@ -156,30 +158,6 @@ def tool_version(name: str, *argv: str) -> str:
     "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."."""
     match = _VERSION.search(first_output_line(argv))
     return f"{name} {match.group(0) if match else '(version unknown)'}"
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Parse "1GiB", "100MB", "512M", "4096". KB/MB/GB are powers of 1000;
-    KiB/MiB/GiB and bare K/M/G are powers of 1024 (as curl and dd read them)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 100MB, 4096)")
-    number, prefix, binary, byte_suffix = match.groups()
-    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
-    decimal = bool(byte_suffix) and not binary and bool(prefix)
-    base = 1000 if decimal else 1024
-    return int(float(number) * base**power)
-
-
-def human_size(n: int) -> str:
-    units = (("GiB", 1024**3), ("GB", 10**9), ("MiB", MIB), ("MB", 10**6), ("KiB", 1024))
-    for unit, scale in units:
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
 
 
 # --- the origin ----------------------------------------------------------------------
@@ -928,7 +906,7 @@ def latency_cell(figures: dict[str, Any] | None) -> str:
 def markdown_table(results: list[Result], args: argparse.Namespace) -> str:
     head = ["proxy"]
     if args.download:
-        head += [f"{human_size(args.size)} MiB/s", "vs direct"]
+        head += [f"{format_size(args.size)} MiB/s", "vs direct"]
     for c in args.connections:
         head += [f"req/s c={c}", f"CPU µs/req c={c}", f"p50 / p99 ms c={c}"]
     # Start next to peak: a Python proxy's ~25 MiB is mostly the interpreter,
@@ -987,11 +965,12 @@ def notes(results: list[Result], skipped: dict[str, str], missing: list[str]) ->
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark trioproxy side by side with direct, the h11 floor, proxy.py, "
-        "naive_relay, nginx, haproxy and tinyproxy (whichever are present), round-robin."
+        "naive_relay, nginx, haproxy and tinyproxy (whichever are present), round-robin.",
+        epilog=UNITS_HELP,
     )
     parser.add_argument(
         "--size",
-        type=parse_size,
+        type=for_argparse(parse_size),
         default=parse_size("1GiB"),
         help="download size (default 1GiB; 100MB = 10^8, 100MiB = 100*2^20)",
     )
@@ -1002,7 +981,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the download rows (only the requests/s runs)",
     )
     parser.add_argument(
-        "--duration", type=float, default=10.0, help="seconds per requests/s run (default 10)"
+        "--duration",
+        type=for_argparse(parse_duration),
+        default=10.0,
+        help="seconds per requests/s run (default 10)",
     )
     parser.add_argument(
         "--rounds",
@@ -1030,7 +1012,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--download-timeout",
-        type=float,
+        type=for_argparse(parse_duration),
         default=120.0,
         help="seconds a single download may take (default 120)",
     )

@@ -35,6 +35,8 @@ import attrs
 import h11
 import trio
 
+from trioproxy._units import UNITS_HELP, for_argparse, parse_duration
+
 # Bytes asked of the socket per receive. 64 KiB matches the kernel's default
 # socket buffer granularity and keeps h11's buffer small.
 RECEIVE_SIZE = 64 * 1024
@@ -266,10 +268,12 @@ async def run_origin(listen: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__ or "trio HTTP load generator")
     sub = parser.add_subparsers(dest="command", required=True)
-    load = sub.add_parser("load", help="N keep-alive connections for a fixed time")
+    load = sub.add_parser(
+        "load", help="N keep-alive connections for a fixed time", epilog=UNITS_HELP
+    )
     load.add_argument("url")
     load.add_argument("--connections", type=int, default=1)
-    load.add_argument("--duration", type=float, default=10.0)
+    load.add_argument("--duration", type=for_argparse(parse_duration), default=10.0)
     load.add_argument("--via", help="forward proxy HOST:PORT (absolute-form requests)")
     down = sub.add_parser("download", help="one GET, body discarded")
     down.add_argument("url")

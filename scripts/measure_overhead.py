@@ -41,8 +41,10 @@ from typing import Any
 
 import h11
 import trio
-from _stresskit import format_bytes, parse_http_url, parse_size
+from _stresskit import parse_http_url
 from stress import Child, rss_of, start_child, stop_child
+
+from trioproxy._units import UNITS_HELP, for_argparse, format_size, parse_duration, parse_size
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS_DIR.parent
@@ -203,15 +205,15 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
     await debug_memory(metrics)
     await trio.sleep(SETTLE_SECONDS)
     before = report.rss()
-    report.note("rss_idle_bytes", before, format_bytes(before))
+    report.note("rss_idle_bytes", before, format_size(before))
     try:
         if args.idle:
             await run_many(args.idle, lambda: open_idle(address, idle_streams))
             await trio.sleep(SETTLE_SECONDS)
             rss = report.rss()
             per = (rss - before) / args.idle
-            report.note("rss_with_idle_bytes", rss, f"{format_bytes(rss)} with {args.idle} idle")
-            report.note("overhead_per_idle_connection", per, format_bytes(per))
+            report.note("rss_with_idle_bytes", rss, f"{format_size(rss)} with {args.idle} idle")
+            report.note("overhead_per_idle_connection", per, format_size(per))
             started = time.monotonic()
             await fast_download(address, 1024)
             latency = time.monotonic() - started
@@ -225,7 +227,7 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
             report.note(
                 "rss_after_fast_bytes",
                 rss,
-                f"{format_bytes(rss)} after {args.fast} x {format_bytes(size)}",
+                f"{format_size(rss)} after {args.fast} x {format_size(size)}",
             )
         if args.slow:
             base = report.rss()
@@ -235,9 +237,9 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
             memory = await debug_memory(metrics)
             buffered = memory["buffered_bytes"]["total"]
             per = (rss - base - buffered) / args.slow
-            report.note("rss_with_slow_bytes", rss, f"{format_bytes(rss)} with {args.slow} slow")
-            report.note("buffered_bytes", buffered, format_bytes(buffered))
-            report.note("overhead_per_slow_connection", per, f"{format_bytes(per)} beyond buffers")
+            report.note("rss_with_slow_bytes", rss, f"{format_size(rss)} with {args.slow} slow")
+            report.note("buffered_bytes", buffered, format_size(buffered))
+            report.note("overhead_per_slow_connection", per, f"{format_size(per)} beyond buffers")
     finally:
         for stream in idle_streams + slow_streams:
             with contextlib.suppress(OSError, trio.BrokenResourceError):
@@ -245,11 +247,11 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
     for second in range(1, args.settle + 1):
         await trio.sleep(1)
         rss = report.rss()
-        print(f"  {second} s after closing: {format_bytes(rss)}", flush=True)
+        print(f"  {second} s after closing: {format_size(rss)}", flush=True)
     memory = await debug_memory(metrics)
     report.note("connections_after_load", memory["connections"], str(memory["connections"]))
-    report.note("rss_after_load_bytes", rss, format_bytes(rss))
-    report.note("rss_after_minus_idle_bytes", rss - before, format_bytes(rss - before))
+    report.note("rss_after_load_bytes", rss, format_size(rss))
+    report.note("rss_after_minus_idle_bytes", rss - before, format_size(rss - before))
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,13 +269,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=UNITS_HELP)
     parser.add_argument("--idle", type=int, default=500, help="idle keep-alive connections")
     parser.add_argument("--slow", type=int, default=100, help="stalled slow downloads")
     parser.add_argument("--fast", type=int, default=10, help="fast downloads (the load)")
-    parser.add_argument("--fast-bytes", type=parse_size, default=parse_size("50MiB"))
+    parser.add_argument("--fast-bytes", type=for_argparse(parse_size), default=parse_size("50MiB"))
     parser.add_argument("--settle", type=int, default=5, help="seconds sampled after closing")
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="bound on the whole run")
+    parser.add_argument(
+        "--max-seconds", type=for_argparse(parse_duration), default=120.0, help="bound on the run"
+    )
     parser.add_argument(
         "--proxy-command",
         default=f"{shlex.quote(sys.executable)} -m trioproxy",

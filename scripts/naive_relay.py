@@ -30,6 +30,8 @@ import h11
 import trio
 from _stresskit import parse_host_port, parse_http_url
 
+from trioproxy._units import UNITS_HELP, for_argparse, parse_size
+
 __all__ = ["main", "serve_naive_relay"]
 
 DEFAULT_READ_SIZE = 64 * 1024
@@ -217,11 +219,12 @@ async def _serve_and_announce(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Unbounded-buffer reverse relay: the baseline NOT to imitate."
+        description="Unbounded-buffer reverse relay: the baseline NOT to imitate.",
+        epilog=UNITS_HELP,
     )
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     parser.add_argument("--upstream", required=True, help="http://HOST:PORT of the origin")
-    parser.add_argument("--read-size", type=int, default=DEFAULT_READ_SIZE)
+    parser.add_argument("--read-size", type=for_argparse(parse_size), default=DEFAULT_READ_SIZE)
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
     upstream = parse_http_url(args.upstream)

@@ -38,8 +38,9 @@ from _stresskit import (
     PatternVerifier,
     expected_sha256,
     parse_host_port,
-    parse_size,
 )
+
+from trioproxy._units import parse_size
 
 __all__ = ["expected_sha256", "main", "serve_origin"]
 

@@ -52,10 +52,10 @@ from _stresskit import (
     Pacer,
     PatternVerifier,
     expected_sha256,
-    format_bytes,
     parse_http_url,
-    parse_size,
 )
+
+from trioproxy._units import UNITS_HELP, for_argparse, format_size, parse_duration, parse_size
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS_DIR.parent
@@ -435,10 +435,10 @@ class Recorder:
         return record
 
     def show(self, s: Sample) -> None:
-        rss = "n/a" if s.rss is None else format_bytes(s.rss)
+        rss = "n/a" if s.rss is None else format_size(s.rss)
         line = (
-            f"[{self.target}] {s.t:6.1f}s {s.phase:<6} moved {format_bytes(s.bytes_moved)}"
-            f" / {format_bytes(self.total_bytes)}  rss {rss}"
+            f"[{self.target}] {s.t:6.1f}s {s.phase:<6} moved {format_size(s.bytes_moved)}"
+            f" / {format_size(self.total_bytes)}  rss {rss}"
             f"  done {s.clients_done}/{self.stats.clients}  errors {self.stats.error_count}"
         )
         if _tty():
@@ -609,8 +609,8 @@ def format_table(summaries: Sequence[Summary]) -> str:
     for s in summaries:
         rows.append(
             f"{s.proxy:<12} {_mib(s.idle_rss):>9} {_mib(s.peak_rss):>9} {_mib(s.growth):>10}"
-            f" {_mib(s.rss_after):>10} {format_bytes(s.bytes_delivered):>11}"
-            f" {format_bytes(s.bytes_verified):>11} {f'{s.clients_ok}/{s.clients}':>9}"
+            f" {_mib(s.rss_after):>10} {format_size(s.bytes_delivered):>11}"
+            f" {format_size(s.bytes_verified):>11} {f'{s.clients_ok}/{s.clients}':>9}"
             f" {s.load_seconds:>7.1f} {s.throughput_mb_s:>7.1f} {s.harness_cpu:>5.0%}"
         )
     notes = [
@@ -676,17 +676,10 @@ def draw_png(path: Path, samples: Sequence[Sample], title: str) -> bool:
 # ---------------------------------------------------------------- command line
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Start an origin and proxies, drive slow clients, record proxy RSS.",
-        epilog="Sizes accept suffixes: 64KiB, 100MB, 1GiB (MB = 10^6, MiB = 2^20).",
+        epilog=UNITS_HELP,
     )
     add = parser.add_argument
     add("--proxy", action="append", choices=PROXY_KINDS, default=[], help="repeatable")
@@ -696,14 +689,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--naive-args", default="", help="extra arguments for naive_relay.py")
     add("--trioproxy-root", type=Path, default=REPO_ROOT, help="dir holding trioproxy/")
     add("--clients", type=int, default=1, help="concurrent clients (default 1)")
-    add("--bytes", type=_size, default=parse_size("50MB"), help="per client (default 50MB)")
-    add("--rate", type=_size, default=parse_size("20MB"), help="bytes/s per client; 0: no cap")
+    size, duration = for_argparse(parse_size), for_argparse(parse_duration)
+    add("--bytes", type=size, default=parse_size("50MB"), help="per client (default 50MB)")
+    add("--rate", type=size, default=parse_size("20MB"), help="bytes/s per client; 0: no cap")
     add("--upload", action="store_true", help="clients upload; the origin reads at --rate")
     add("--chunked", action="store_true", help="download /chunked/N instead of /bytes/N")
-    add("--rcvbuf", type=_size, default=DEFAULT_RCVBUF, help="client SO_RCVBUF")
-    add("--idle-seconds", type=float, default=2.0, help="idle sampling before load")
-    add("--settle-seconds", type=float, default=5.0, help="sampling after load")
-    add("--max-seconds", type=float, default=300.0, help="bound on each load phase")
+    add("--rcvbuf", type=size, default=DEFAULT_RCVBUF, help="client SO_RCVBUF")
+    add("--idle-seconds", type=duration, default=2.0, help="idle sampling before load")
+    add("--settle-seconds", type=duration, default=5.0, help="sampling after load")
+    add("--max-seconds", type=duration, default=300.0, help="bound on each load phase")
     add("--csv", type=Path, help="samples CSV (default results/stress-<proxy>.csv each)")
     add("--json", type=Path, help="write the summary as JSON")
     add("--png", type=Path, help="RSS plot (default results/stress-<proxies>.png)")
@@ -743,7 +737,7 @@ def write_reports(
     png = args.png or Path(f"results/stress-{'-vs-'.join(names)}.png")
     direction = "upload (origin reads)" if spec.upload else "download"
     title = (
-        f"{spec.clients} client(s) x {format_bytes(spec.size)} {direction}"
+        f"{spec.clients} client(s) x {format_size(spec.size)} {direction}"
         f" at {spec.rate / 1e6:g} MB/s each"
     )
     if draw_png(png, samples, title):

@@ -1,8 +1,9 @@
 """Tests for the stress command itself (scripts/stress.py) and the scripts' CLIs.
 
 The stress suite is run by hand and its figures are read by people, so these
-only check what must not silently break: size parsing, the 'listening on' line
-contract, and one tiny end-to-end run whose JSON says every byte was verified.
+only check what must not silently break: the scripts' sizes and durations, the
+'listening on' line contract, and one tiny end-to-end run whose JSON says every
+byte was verified.
 No timing assertions; sizes are kilobytes to a megabyte.
 """
 
@@ -19,33 +20,62 @@ import trio
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from _stresskit import parse_size  # noqa: E402
+import bench  # noqa: E402
+import loadgen  # noqa: E402
+import measure_overhead  # noqa: E402
+import stress  # noqa: E402
 
 RUN_LIMIT = 60  # seconds: a bound on each subprocess, not a performance claim
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("4096", 4096),
-        ("64k", 64_000),
-        ("64KiB", 65_536),
-        ("100MB", 100_000_000),
-        ("20M", 20_000_000),
-        ("1GiB", 1 << 30),
-        ("1.5GB", 1_500_000_000),
-    ],
-)
-def test_parse_size(text: str, expected: int) -> None:
-    """Decimal prefixes are powers of 1000, binary (…iB) of 1024."""
-    assert parse_size(text) == expected
+def test_script_defaults_keep_their_bytes_and_seconds() -> None:
+    """The scripts read sizes with the proxy's rule (trioproxy._units) and
+    their defaults are the same bytes and seconds as before the rule was
+    shared: stress's were written 50MB/20MB, decimal under both rules."""
+    args = stress.build_parser().parse_args([])
+    assert (args.bytes, args.rate, args.rcvbuf) == (50_000_000, 20_000_000, 65_536)
+    assert (args.idle_seconds, args.settle_seconds, args.max_seconds) == (2.0, 5.0, 300.0)
+    overhead = measure_overhead.build_parser().parse_args([])
+    assert (overhead.fast_bytes, overhead.max_seconds) == (50 << 20, 120.0)
+    benched = bench.parse_args([])
+    assert (benched.size, benched.duration, benched.download_timeout) == (1 << 30, 10.0, 120.0)
 
 
-@pytest.mark.parametrize("text", ["", "MB", "12 apples", "5i", "-1"])
-def test_parse_size_rejects(text: str) -> None:
-    """Anything that is not a size is a ValueError, not a silent zero."""
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size(text)
+def test_scripts_read_sizes_and_durations_with_one_rule() -> None:
+    """k is 1024 and kB 1000 in every script, as in the proxy; durations take units."""
+    args = stress.build_parser().parse_args(
+        ["--bytes", "64k", "--rate", "64kB", "--max-seconds", "2m", "--settle-seconds", "500ms"]
+    )
+    assert (args.bytes, args.rate, args.max_seconds, args.settle_seconds) == (
+        65_536,
+        64_000,
+        120.0,
+        0.5,
+    )
+    assert bench.parse_args(["--size", "100MB"]).size == 100_000_000
+    assert bench.parse_args(["--size", "100M"]).size == 100 << 20
+
+
+def test_a_bad_script_size_says_how_to_write_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """A script's bad size exits 2 with the shared parser's message."""
+    with pytest.raises(SystemExit) as exited:
+        stress.build_parser().parse_args(["--bytes", "12 apples"])
+    assert exited.value.code == 2
+    assert "has the unknown unit 'apples'" in capsys.readouterr().err
+
+
+def test_loadgen_duration_takes_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loadgen's --duration (which bench passes on) reads 500ms and plain seconds."""
+    seen: list[float] = []
+
+    async def record(target: object, connections: int, duration: float) -> dict[str, float]:
+        seen.append(duration)
+        return {}
+
+    monkeypatch.setattr(loadgen, "run_load", record)
+    for text in ("500ms", "10.0"):
+        loadgen.main(["load", "http://127.0.0.1:1/", "--duration", text])
+    assert seen == [0.5, 10.0]
 
 
 async def test_origin_cli_announces_its_address() -> None:

@@ -1,51 +1,47 @@
 """Command line: argparse -> ProxyConfig -> trio.run(serve).
 
-The CLI only builds a ProxyConfig; all validation lives there. Any bad flag
-or value ends with one line on stderr and exit status 2, never a traceback.
+The CLI only builds a ProxyConfig (and the LogSettings); all validation lives
+there. Its flags are not written here: each is generated from a settings
+field (``_config.all_settings``), with its help, default and parser. Any bad
+flag or value ends with one line on stderr and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
 
 from ._accesslog import JsonFormatter, access_logger
+from ._config import AUTH_ENVIRONMENT_VARIABLE as AUTH_ENVIRONMENT_VARIABLE
 from ._config import (
-    DEFAULT_BUFFER_CHUNKS,
-    DEFAULT_MAX_BUFFER_MEMORY,
-    DEFAULT_MAX_HEAD_SIZE,
-    DEFAULT_MAX_HEADER_FIELDS,
-    DEFAULT_MAX_TARGET_LENGTH,
-    DEFAULT_READ_SIZE,
+    GROUPS,
+    LogSettings,
     ProxyConfig,
+    Setting,
+    all_settings,
+    from_values,
 )
+from ._config import parse_listen as parse_listen
 from ._limits import descriptors_needed, raise_open_file_limit
 from ._listen import listening_line
 from ._memory import prepare_process_memory
-from ._policy import LOOPBACK_NETWORKS
 from ._server import serve
+from ._units import UNITS_HELP, for_argparse
+from ._units import parse_size as parse_size
 from ._workers import WorkerLink, WorkerStartupError, supervise
 
 logger = logging.getLogger("trioproxy")
 
-_DEFAULTS = ProxyConfig()
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ACCESS_TEXT_FORMAT = "%(asctime)s %(message)s"
-
-_SIZE = re.compile(r"(\d+)\s*(k|kib|kb|m|mib|mb|g|gib|gb)?", re.IGNORECASE)
-# Credentials on the command line are visible to every user in ps.
-AUTH_ENVIRONMENT_VARIABLE = "TRIOPROXY_AUTH"
-# Binary multiples throughout: a buffer size is a memory size.
-_SIZE_FACTORS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,337 +59,88 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_size(text: str) -> int:
-    """Parse ``65536``, ``64k``, ``64KiB``, ``1m``... into bytes."""
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 65536 or 64KiB)")
-    number, suffix = match.groups()
-    return int(number) * (_SIZE_FACTORS[suffix[0].lower()] if suffix else 1)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    return host or "127.0.0.1", int(port)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The ``trioproxy`` command line: one flag per setting (``all_settings``),
+    in one argument group per ``GROUPS`` entry."""
     parser = _Parser(
         prog="trioproxy",
         description=(
             "A streaming HTTP/1.1 proxy whose memory per connection is bounded: "
             "(buffer-chunks + 2) x read-size bytes per direction."
         ),
+        epilog=UNITS_HELP,
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        default="127.0.0.1:8080",  # argparse passes string defaults through type
-        metavar="HOST:PORT",
-        help="address to listen on; port 0 picks a free port",
-    )
-    parser.add_argument(
-        "--upstream",
-        metavar="URL",
-        help="reverse mode: send every request to this http://host:port (else: forward proxy)",
-    )
-    parser.add_argument(
-        "--read-size",
-        type=parse_size,
-        default=DEFAULT_READ_SIZE,
-        metavar="BYTES",
-        help="largest chunk read at once",
-    )
-    parser.add_argument(
-        "--buffer-chunks",
-        type=int,
-        default=DEFAULT_BUFFER_CHUNKS,
-        metavar="N",
-        help="chunks that may wait for a slow receiver, per direction",
-    )
-    parser.add_argument(
-        "--max-head-size",
-        type=parse_size,
-        default=DEFAULT_MAX_HEAD_SIZE,
-        metavar="BYTES",
-        help="largest request or response head (larger requests get 431)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=_DEFAULTS.connect_timeout,
-        metavar="SECONDS",
-        help="time to connect to the upstream (then 504)",
-    )
-    parser.add_argument(
-        "--upstream-timeout",
-        type=float,
-        default=_DEFAULTS.upstream_timeout,
-        metavar="SECONDS",
-        help="time from the end of the request to the upstream's response head (then 504)",
-    )
-    _add_access_arguments(parser)
-    _add_memory_arguments(parser)
-    _add_operations_arguments(parser)
-    _add_pool_arguments(parser)
-    _add_parent_arguments(parser)
-    _add_proxy_protocol_arguments(parser)
-    _add_logging_arguments(parser)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=_DEFAULTS.workers,
-        metavar="N",
-        help="processes sharing the port (SO_REUSEPORT, Linux), supervised by this one; "
-        "limits such as --max-connections apply to each",
-    )
+    groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
+    for spec in all_settings():
+        _add_flag(groups[spec.group], spec)
     return parser
 
 
-def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    """The reverse mode's pool of idle upstream keep-alive connections."""
-    parser.add_argument(
-        "--upstream-pool-size",
-        type=int,
-        default=_DEFAULTS.upstream_pool_size,
-        metavar="N",
-        help="reverse mode: idle upstream connections kept for reuse (0: a new one per request)",
-    )
-    parser.add_argument(
-        "--upstream-idle-timeout",
-        type=float,
-        default=_DEFAULTS.upstream_idle_timeout,
-        metavar="SECONDS",
-        help="reverse mode: time an idle upstream connection is kept (then closed)",
-    )
-
-
-def _add_operations_arguments(parser: argparse.ArgumentParser) -> None:
-    """Timeouts, limits, shutdown and logging: what makes it safe to expose."""
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=_DEFAULTS.header_timeout,
-        metavar="SECONDS",
-        help="time for a whole request head from its first byte, never extended (then 408)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=_DEFAULTS.idle_timeout,
-        metavar="SECONDS",
-        help="time a keep-alive connection may wait for its next request (then closed)",
-    )
-    parser.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=_DEFAULTS.stall_timeout,
-        metavar="SECONDS",
-        help="time a body relay or a tunnel may go with no byte moving either way "
-        "(then 504, an aborted response, or a closed tunnel)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=_DEFAULTS.max_connections,
-        metavar="N",
-        help="client connections served at once; more wait in the kernel's backlog",
-    )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=_DEFAULTS.shutdown_timeout,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, time in-flight requests get before they are cut; "
-        "a second signal cuts them at once",
-    )
-
-
-def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """The global memory budget and the metrics endpoint."""
-    parser.add_argument(
-        "--max-buffer-memory",
-        type=parse_size,
-        default=DEFAULT_MAX_BUFFER_MEMORY,
-        metavar="BYTES",
-        help="payload bytes all connections together may buffer; readers wait beyond it",
-    )
-    parser.add_argument(
-        "--metrics",
-        type=parse_listen,
-        default=None,
-        metavar="HOST:PORT",
-        help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
-    )
-    parser.add_argument(
-        "--no-splice",
-        dest="splice",
-        action="store_false",
-        help="never use the zero-copy splice(2) path; always relay through user space",
-    )
-
-
-def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
-    """Who may use the proxy, where CONNECT may go, and request head limits."""
-    parser.add_argument(
-        "--allow",
-        action="append",
-        metavar="CIDR",
-        help="client network allowed to use the proxy (repeatable; default: loopback only, "
-        "127.0.0.0/8 and ::1/128)",
-    )
-    parser.add_argument(
-        "--connect-ports",
-        default="443",
-        metavar="PORTS",
-        help="ports CONNECT may reach, e.g. 443,8443,9000-9100",
-    )
-    parser.add_argument(
-        "--auth",
-        metavar="USER:PASSWORD",
-        help=f"require Basic proxy credentials (better: set {AUTH_ENVIRONMENT_VARIABLE}, "
-        "which stays out of ps)",
-    )
-    parser.add_argument(
-        "--max-header-fields",
-        type=int,
-        default=DEFAULT_MAX_HEADER_FIELDS,
-        metavar="N",
-        help="most header fields in a request head (more get 431)",
-    )
-    parser.add_argument(
-        "--max-target-length",
-        type=parse_size,
-        default=DEFAULT_MAX_TARGET_LENGTH,
-        metavar="BYTES",
-        help="longest request target (longer gets 414)",
-    )
-
-
-def _add_parent_arguments(parser: argparse.ArgumentParser) -> None:
-    """Forward mode through a parent proxy."""
-    parser.add_argument(
-        "--parent-proxy",
-        metavar="URL",
-        help="forward mode: send every request through this http://[USER:PASSWORD@]HOST:PORT",
-    )
-    parser.add_argument(
-        "--no-parent-for",
-        action="append",
-        default=[],
-        metavar="HOST|.DOMAIN|CIDR",
-        help="targets that go direct despite --parent-proxy (repeatable)",
-    )
-
-
-def _add_proxy_protocol_arguments(parser: argparse.ArgumentParser) -> None:
-    """HAProxy's PROXY protocol, in and out."""
-    parser.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        help="every connection starts with a PROXY protocol header (v1 or v2) "
-        "whose address is the client",
-    )
-    parser.add_argument(
-        "--proxy-protocol-from",
-        action="append",
-        metavar="CIDR",
-        help="peers that may send the PROXY header (repeatable; default: loopback)",
-    )
-    parser.add_argument(
-        "--upstream-send-proxy",
-        choices=["v1", "v2"],
-        help="reverse mode: start each upstream connection with a PROXY header of this version",
-    )
-
-
-def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    """Diagnostics and the access log."""
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=["debug", "info", "warning", "error"],
-        help="level of the diagnostic log (stderr)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="format of the diagnostic and access logs",
-    )
-    parser.add_argument(
-        "--access-log",
-        default="-",
-        metavar="PATH|-|off",
-        help="where to append one line per request: a file, - for stderr, or off",
+def _add_flag(group: argparse._ArgumentGroup, spec: Setting) -> None:
+    """Add ``spec``'s flag, with the field's default. A setting with ``show``
+    gets its default as text, which ``--help`` prints as a person writes it
+    and argparse passes through ``type``. A repeatable flag or one with an
+    environment variable gets None (the field's default then applies), so
+    that ``--help`` shows neither the list it replaces nor a secret."""
+    if spec.action in ("store_false", "store_true"):
+        group.add_argument(spec.flag, dest=spec.key, action=spec.action, help=spec.help)
+        return
+    default = None if spec.action == "append" or spec.env else spec.default
+    if spec.show is not None and default is not None:
+        default = spec.show(default)
+    options: dict[str, Any] = {}
+    if spec.parse is not None:
+        options["type"] = for_argparse(spec.parse)
+    group.add_argument(
+        spec.flag,
+        dest=spec.key,
+        action=spec.action,
+        default=default,
+        metavar=spec.metavar,
+        choices=spec.choices,
+        help=spec.help,
+        **options,
     )
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     """Build the ProxyConfig; raises ValueError with a message for bad values."""
-    host, port = args.listen
-    return ProxyConfig(
-        listen_host=host,
-        listen_port=port,
-        upstream=args.upstream,
-        read_size=args.read_size,
-        buffer_chunks=args.buffer_chunks,
-        max_head_size=args.max_head_size,
-        connect_timeout=args.connect_timeout,
-        upstream_timeout=args.upstream_timeout,
-        header_timeout=args.header_timeout,
-        idle_timeout=args.idle_timeout,
-        stall_timeout=args.stall_timeout,
-        max_connections=args.max_connections,
-        shutdown_timeout=args.shutdown_timeout,
-        max_buffer_memory=args.max_buffer_memory,
-        metrics_listen=args.metrics,
-        splice=args.splice,
-        workers=args.workers,
-        allow=args.allow if args.allow is not None else LOOPBACK_NETWORKS,
-        connect_ports=args.connect_ports,
-        # Read here, not as the flag's default, so --help never prints it.
-        auth=args.auth or os.environ.get(AUTH_ENVIRONMENT_VARIABLE) or None,
-        max_header_fields=args.max_header_fields,
-        max_target_length=args.max_target_length,
-        upstream_pool_size=args.upstream_pool_size,
-        upstream_idle_timeout=args.upstream_idle_timeout,
-        parent_proxy=args.parent_proxy,
-        no_parent_for=args.no_parent_for,
-        proxy_protocol=args.proxy_protocol,
-        proxy_protocol_from=(
-            args.proxy_protocol_from if args.proxy_protocol_from else LOOPBACK_NETWORKS
-        ),
-        upstream_send_proxy=args.upstream_send_proxy,
-    )
+    return from_values(ProxyConfig, vars(args))
+
+
+def log_settings_from_args(args: argparse.Namespace) -> LogSettings:
+    """Build the LogSettings; raises ValueError with a message for bad values."""
+    return from_values(LogSettings, vars(args))
 
 
 def configure_logging(args: argparse.Namespace) -> None:
     """Diagnostics to stderr at ``--log-level``; the access log at info level
     to ``--access-log``, whatever ``--log-level`` says, and not duplicated
-    into the diagnostics."""
+    into the diagnostics.
+
+    Raises:
+        ValueError: a log setting is not one of its choices.
+        OSError: the access log file cannot be opened.
+    """
+    settings = log_settings_from_args(args)
 
     def formatter(text_format: str) -> logging.Formatter:
-        return JsonFormatter() if args.log_format == "json" else logging.Formatter(text_format)
+        return JsonFormatter() if settings.log_format == "json" else logging.Formatter(text_format)
 
     diagnostics = logging.StreamHandler(sys.stderr)
     diagnostics.setFormatter(formatter(_TEXT_FORMAT))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[diagnostics], force=True)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[diagnostics], force=True)
     access_logger.propagate = False
     for old in list(access_logger.handlers):
         access_logger.removeHandler(old)
-    if args.access_log == "off":
+    if settings.access_log == "off":
         access_logger.setLevel(logging.CRITICAL + 1)
         return
     access_handler: logging.Handler = (
         logging.StreamHandler(sys.stderr)
-        if args.access_log == "-"
-        else logging.FileHandler(args.access_log, encoding="utf-8")
+        if settings.access_log == "-"
+        else logging.FileHandler(settings.access_log, encoding="utf-8")
     )
     access_handler.setFormatter(formatter(_ACCESS_TEXT_FORMAT))
     access_logger.addHandler(access_handler)
@@ -467,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     try:
         configure_logging(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     except OSError as exc:
         parser.exit(1, f"trioproxy: error: cannot open the access log: {exc}\n")
     worker = WorkerLink.from_environ()

@@ -3,13 +3,31 @@
 The CLI only builds a ProxyConfig; embedding applications build one directly.
 Validation happens here, once, with messages a person can act on, so that the
 rest of the code can trust every field.
+
+Each setting is written once, as one field: its type, default, validator and
+the reason for its default, plus ``metadata=setting(...)`` with how a person
+writes it (flag, help, metavar, parser, group). The CLI's argparse parser and
+``config_from_args`` are generated from these fields (``_cli``); a config
+file and its documentation will be too (issue #12): ``all_settings()`` lists
+them. Adding a setting is adding a field.
+
+Why metadata on ``attrs.field`` and not a ``setting()`` that returns the
+field: mypy's attrs plugin reads converters only from ``attrs.field`` itself,
+so behind a wrapper ``ProxyConfig(upstream="http://...")`` would stop type
+checking. Why not ``listen: tuple[str, int]``: ``listen_host`` and
+``listen_port`` are public fields; ``--listen`` sets both (``Setting.fields``).
+
+Fields are grouped by what they bound (``GROUPS``). Sizes and durations are
+parsed by ``_units``, with one rule for every flag and script.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -25,33 +43,197 @@ from ._policy import (
     parse_networks,
     parse_port_ranges,
 )
+from ._units import parse_duration, parse_size
 
 KiB = 1024
 MiB = 1024 * KiB
 
-# 64 KiB matches the socket buffer granularity of Linux loopback and keeps the
-# per-read syscall cost small against the copy cost; larger reads buy little
-# throughput and raise the per-connection bound linearly.
+# Defaults other modules import too. Why each is what it is: at its field.
 DEFAULT_READ_SIZE = 64 * KiB
-# Four chunks in flight let the reader run a little ahead of the writer (so a
-# momentary stall on one side does not stop the other) while keeping the bound
-# at (4 + 2) x 64 KiB = 384 KiB per direction.
 DEFAULT_BUFFER_CHUNKS = 4
-# h11's own default; a request head larger than this gets 431.
 DEFAULT_MAX_HEAD_SIZE = 64 * KiB
-# The global budget for payload bytes held by all connections together
-# (--max-buffer-memory). 64 MiB lets ~170 directions fill their whole default
-# 384 KiB channel, or ~1000 hold one 64 KiB chunk, before readers queue; with
-# ~25 MB idle RSS the whole process stays near 128 MiB at a few hundred
-# connections, which fits the smallest common container limits.
 DEFAULT_MAX_BUFFER_MEMORY = 64 * MiB
-
-# Real browsers send 10-40 fields; 100 is nginx's and Node's order of
-# magnitude, and bounds per-field work on each head.
 DEFAULT_MAX_HEADER_FIELDS = 100
-# 8 KiB is the request-line limit of nginx (large_client_header_buffers) and
-# Apache (LimitRequestLine); RFC 9112 3 asks for at least 8000 octets.
 DEFAULT_MAX_TARGET_LENGTH = 8 * KiB
+
+# Credentials on the command line are visible to every user in ps.
+AUTH_ENVIRONMENT_VARIABLE = "TRIOPROXY_AUTH"
+
+# ---- How a setting is written ---------------------------------------------
+
+GROUPS = {
+    "listen": "where the proxy listens, and in how many processes",
+    "limits": "how much one client may ask of the proxy",
+    "timeouts": "how long each wait may last (then an error status or a close)",
+    "memory": "payload bytes held per direction of an exchange and in all",
+    "upstream": "where requests go (an origin, a parent proxy) and what is kept open",
+    "access": "who may use the proxy and where CONNECT may go",
+    "logging": "diagnostics, the access log and metrics",
+}
+"""Group name -> what its settings bound, in ``--help`` order."""
+
+_METADATA_KEY = "trioproxy.setting"
+_A = TypeVar("_A", bound=attrs.AttrsInstance)
+
+
+@attrs.frozen(kw_only=True)
+class Setting:
+    """One setting as a person writes it, taken from a field definition.
+
+    ``setting(...)`` writes the part that sits in the field's metadata;
+    ``settings_of`` completes ``fields`` and ``default`` from the field.
+
+    Attributes:
+        flag: the command-line flag, ``--read-size``.
+        group: what it bounds, a key of ``GROUPS``.
+        help: one line for ``--help``, saying what the value does.
+        parse: text -> value, raising ValueError with a message; None: the
+            text itself (the field's converter, if any, parses it).
+        show: value -> text that ``parse`` reads back, for ``--help`` and
+            docs; None: ``str``.
+        metavar: the value's name in ``--help``.
+        choices: the only texts allowed, or None.
+        action: ``"store"``; ``"append"`` for a repeatable flag whose values
+            form a list; ``"store_true"`` for a flag that turns a bool field
+            on; ``"store_false"`` for a ``--no-`` flag that turns a
+            bool field off.
+        env: an environment variable read when the flag is not given.
+        fields: the fields the value sets. One, or several for a flag whose
+            parsed value is a tuple spread over them in order (``--listen``
+            sets ``listen_host`` and ``listen_port``).
+        default: the value when it is not given (a tuple when spread).
+    """
+
+    flag: str
+    group: str
+    help: str
+    parse: Callable[[str], Any] | None = None
+    show: Callable[[Any], str] | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    action: Literal["store", "append", "store_false", "store_true"] = "store"
+    env: str | None = None
+    fields: tuple[str, ...] = ()
+    default: Any = None
+
+    @property
+    def key(self) -> str:
+        """The name in argparse's namespace and in a config file: the flag
+        without ``--``, ``_`` for ``-`` (``read_size``); for a ``--no-`` flag,
+        the bool field it turns off (``splice``)."""
+        if self.action == "store_false":
+            return self.fields[0]
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def default_text(self) -> str | None:
+        """The default as it would be written, or None when there is none."""
+        if self.default is None:
+            return None
+        return (self.show or str)(self.default)
+
+    def assign(self, value: Any) -> dict[str, Any]:
+        """The keyword arguments that set this setting to ``value``."""
+        if len(self.fields) == 1:
+            return {self.fields[0]: value}
+        return dict(zip(self.fields, value, strict=True))
+
+
+def setting(
+    flag: str,
+    *,
+    group: str,
+    help: str,
+    parse: Callable[[str], Any] | None = None,
+    show: Callable[[Any], str] | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    action: Literal["store", "append", "store_false", "store_true"] = "store",
+    env: str | None = None,
+    sets: tuple[str, ...] = (),
+) -> dict[str, Setting]:
+    """Field metadata that makes an attrs field a setting: ``attrs.field(...,
+    metadata=setting("--read-size", group="memory", ...))``. See ``Setting``
+    for the arguments; ``sets`` is its ``fields`` when that is not just the
+    field itself."""
+    if group not in GROUPS:
+        raise ValueError(f"{flag}: unknown group {group!r}; one of {', '.join(GROUPS)}")
+    spec = Setting(
+        flag=flag,
+        group=group,
+        help=help,
+        parse=parse,
+        show=show,
+        metavar=metavar,
+        choices=choices,
+        action=action,
+        env=env,
+        fields=sets,
+    )
+    return {_METADATA_KEY: spec}
+
+
+def settings_of(cls: type[attrs.AttrsInstance]) -> tuple[Setting, ...]:
+    """The settings of an attrs class, in field order."""
+    defaults = {field.name: field.default for field in attrs.fields(cls)}
+    found = []
+    for field in attrs.fields(cls):
+        spec = field.metadata.get(_METADATA_KEY)
+        if spec is None:
+            continue
+        names = spec.fields or (field.name,)
+        default = tuple(defaults[name] for name in names) if len(names) > 1 else field.default
+        found.append(attrs.evolve(spec, fields=names, default=default))
+    return tuple(found)
+
+
+def from_values(cls: type[_A], values: Mapping[str, Any]) -> _A:
+    """Build ``cls`` from setting values by key (``Setting.key``).
+
+    A value that is missing, None or empty falls back to the setting's
+    environment variable, if it has one, and then to the field's default.
+
+    Raises:
+        ValueError: from the class's validation, naming the field.
+    """
+    kwargs: dict[str, Any] = {}
+    for spec in settings_of(cls):
+        value = values.get(spec.key)
+        if (value is None or value == "") and spec.env is not None:
+            value = os.environ.get(spec.env) or None
+        if value is not None:
+            kwargs.update(spec.assign(value))
+    return cls(**kwargs)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``; an empty host is 127.0.0.1.
+
+    Raises:
+        ValueError: if there is no ``:PORT``.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    return host or "127.0.0.1", int(port)
+
+
+def format_listen(address: tuple[str, int]) -> str:
+    """Inverse of ``parse_listen``: brackets around an IPv6 host."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _format_port_ranges(ranges: tuple[PortRange, ...]) -> str:
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def _format_networks(networks: tuple[IPNetwork, ...]) -> str:
+    return ",".join(str(network) for network in networks)
+
+
+# ---- Validators -------------------------------------------------------------
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -149,6 +331,21 @@ def _to_upstream(value: Upstream | str | None) -> Upstream | None:
     return Upstream.from_url(value)
 
 
+def _seconds(flag: str, help: str, *, group: str = "timeouts") -> dict[str, Setting]:
+    """A duration setting: seconds, or 500ms, 20s, 2m (``parse_duration``)."""
+    return setting(flag, group=group, parse=parse_duration, metavar="SECONDS", help=help)
+
+
+def _bytes(flag: str, help: str, *, group: str) -> dict[str, Setting]:
+    """A size setting: bytes, or 64k, 64KiB, 64kB (``parse_size``)."""
+    return setting(flag, group=group, parse=parse_size, metavar="BYTES", help=help)
+
+
+def _count(flag: str, help: str, *, group: str) -> dict[str, Setting]:
+    """A whole number of things (connections, fields, processes)."""
+    return setting(flag, group=group, parse=int, metavar="N", help=help)
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """Everything the proxy needs to know, validated on construction.
@@ -162,52 +359,215 @@ class ProxyConfig:
         ValueError: on construction, naming the field and the allowed range.
     """
 
-    listen_host: str = "127.0.0.1"
-    listen_port: int = attrs.field(default=8080, validator=_in_range(0, 65535))
-    upstream: Upstream | None = attrs.field(default=None, converter=_to_upstream)
-    read_size: int = attrs.field(default=DEFAULT_READ_SIZE, validator=_in_range(KiB, 16 * MiB))
-    buffer_chunks: int = attrs.field(default=DEFAULT_BUFFER_CHUNKS, validator=_in_range(1, 1024))
-    max_head_size: int = attrs.field(
-        default=DEFAULT_MAX_HEAD_SIZE, validator=_in_range(KiB, 16 * MiB)
+    # ---- listen: where, and in how many processes ----
+    listen_host: str = attrs.field(
+        default="127.0.0.1",
+        metadata=setting(
+            "--listen",
+            group="listen",
+            parse=parse_listen,
+            show=format_listen,
+            metavar="HOST:PORT",
+            help="address to listen on; port 0 picks a free port",
+            sets=("listen_host", "listen_port"),
+        ),
     )
+    # Set by --listen, with listen_host.
+    listen_port: int = attrs.field(default=8080, validator=_in_range(0, 65535))
+    # Processes that serve the listening port together, each a whole proxy
+    # with its own limits (so max_connections applies per worker). 1 serves
+    # in this process with no supervisor. More than one needs SO_REUSEPORT
+    # load balancing (Linux). 1024 is far beyond any core count we run on:
+    # the cap only turns a typo into an error instead of a fork storm.
+    # (Issue 5.3; see _workers.)
+    workers: int = attrs.field(
+        default=1,
+        validator=[_in_range(1, 1024), _several_need_reuse_port],
+        metadata=_count(
+            "--workers",
+            "processes sharing the port (SO_REUSEPORT, Linux), supervised by this one; "
+            "limits such as --max-connections apply to each",
+            group="listen",
+        ),
+    )
+    # Open the listening sockets with SO_REUSEPORT, so that other processes
+    # of the same user may listen on the same port; set in workers. No flag.
+    reuse_port: bool = attrs.field(default=False, validator=_reuse_port_available)
+
+    # ---- limits: what one client may ask for ----
+    # Client connections served at once; more wait in the kernel's backlog.
+    # Each may hold 2 x (buffer_chunks + 2) x read_size payload bytes (768 KiB
+    # with the defaults), so 1024 connections cap payload memory at 768 MiB,
+    # and use about 2048 file descriptors (client + upstream).
+    max_connections: int = attrs.field(
+        default=1024,
+        validator=_in_range(1, 1_000_000),
+        metadata=_count(
+            "--max-connections",
+            "client connections served at once; more wait in the kernel's backlog",
+            group="limits",
+        ),
+    )
+    # h11's own default; a request head larger than this gets 431.
+    max_head_size: int = attrs.field(
+        default=DEFAULT_MAX_HEAD_SIZE,
+        validator=_in_range(KiB, 16 * MiB),
+        metadata=_bytes(
+            "--max-head-size",
+            "largest request or response head (larger requests get 431)",
+            group="limits",
+        ),
+    )
+    # Header fields per request head; more get 431. Real browsers send 10-40
+    # fields; 100 is nginx's and Node's order of magnitude, and bounds
+    # per-field work on each head.
+    max_header_fields: int = attrs.field(
+        default=DEFAULT_MAX_HEADER_FIELDS,
+        validator=_in_range(1, 10_000),
+        metadata=_count(
+            "--max-header-fields",
+            "most header fields in a request head (more get 431)",
+            group="limits",
+        ),
+    )
+    # Bytes of the request target; longer gets 414. Checked while the request
+    # line arrives, so it fires before the 431 of max_head_size as long as it
+    # is smaller than max_head_size minus the request line's other bytes.
+    # 8 KiB is the request-line limit of nginx (large_client_header_buffers)
+    # and Apache (LimitRequestLine); RFC 9112 3 asks for at least 8000 octets.
+    max_target_length: int = attrs.field(
+        default=DEFAULT_MAX_TARGET_LENGTH,
+        validator=_in_range(16, 16 * MiB),
+        metadata=_bytes(
+            "--max-target-length",
+            "longest request target (longer gets 414)",
+            group="limits",
+        ),
+    )
+
+    # ---- timeouts: how long each wait may last ----
     # Seconds to open a TCP connection to the upstream; past it: 504.
-    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    connect_timeout: float = attrs.field(
+        default=10.0,
+        validator=_positive,
+        metadata=_seconds("--connect-timeout", "time to connect to the upstream (then 504)"),
+    )
     # Seconds from the end of the request body to the upstream's response
     # head; past it: 504. Generous, as for nginx's proxy_read_timeout.
-    upstream_timeout: float = attrs.field(default=60.0, validator=_positive)
-
-    # --- Safe to expose: timeouts, limits, shutdown (issue 3) ---
+    upstream_timeout: float = attrs.field(
+        default=60.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--upstream-timeout",
+            "time from the end of the request to the upstream's response head (then 504)",
+        ),
+    )
     # Seconds for a whole request head, counted from its first byte (on a new
     # connection: from the accept); past it: 408 and close. It is never
     # extended by trickled bytes, so a slowloris client holds a connection at
     # most this long. 20 s, as Apache's mod_reqtimeout header=20: ample for a
     # head of a few KiB over any real link, short for an attacker.
-    header_timeout: float = attrs.field(default=20.0, validator=_positive)
+    header_timeout: float = attrs.field(
+        default=20.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--header-timeout",
+            "time for a whole request head from its first byte, never extended (then 408)",
+        ),
+    )
     # Seconds a keep-alive connection may wait for the first byte of its next
     # request; past it: closed silently. nginx's keepalive_timeout is 75 s and
     # browsers keep idle connections for 60-300 s; 75 s lets a browser's
     # periodic requests reuse a connection without holding idle ones forever.
-    idle_timeout: float = attrs.field(default=75.0, validator=_positive)
+    idle_timeout: float = attrs.field(
+        default=75.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--idle-timeout",
+            "time a keep-alive connection may wait for its next request (then closed)",
+        ),
+    )
     # Seconds during a body relay (either direction) in which no byte moves in
     # either direction; past it the exchange ends (504 before the response
     # head, an aborted response after). Like nginx's proxy_read_timeout and
     # send_timeout (60 s each); 120 s gives slow mobile clients room.
-    stall_timeout: float = attrs.field(default=120.0, validator=_positive)
-    # Client connections served at once; more wait in the kernel's backlog.
-    # Each may hold 2 x (buffer_chunks + 2) x read_size payload bytes (768 KiB
-    # with the defaults), so 1024 connections cap payload memory at 768 MiB,
-    # and use about 2048 file descriptors (client + upstream).
-    max_connections: int = attrs.field(default=1024, validator=_in_range(1, 1_000_000))
+    stall_timeout: float = attrs.field(
+        default=120.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--stall-timeout",
+            "time a body relay or a tunnel may go with no byte moving either way "
+            "(then 504, an aborted response, or a closed tunnel)",
+        ),
+    )
     # Seconds that in-flight requests may take to finish after SIGTERM/SIGINT
     # before they are cancelled; 10 s, as systemd's and Kubernetes' grace
     # periods (90 s and 30 s) leave room for it.
-    shutdown_timeout: float = attrs.field(default=10.0, validator=_non_negative)
-    # --- memory budget and metrics (issue 4) ---
+    shutdown_timeout: float = attrs.field(
+        default=10.0,
+        validator=_non_negative,
+        metadata=_seconds(
+            "--shutdown-timeout",
+            "on SIGTERM/SIGINT, time in-flight requests get before they are cut; "
+            "a second signal cuts them at once",
+        ),
+    )
+
+    # ---- memory: payload bytes per direction and in all ----
+    # 64 KiB matches the socket buffer granularity of Linux loopback and keeps
+    # the per-read syscall cost small against the copy cost; larger reads buy
+    # little throughput and raise the per-connection bound linearly.
+    read_size: int = attrs.field(
+        default=DEFAULT_READ_SIZE,
+        validator=_in_range(KiB, 16 * MiB),
+        metadata=_bytes(
+            "--read-size",
+            "largest chunk read at once",
+            group="memory",
+        ),
+    )
+    # Four chunks in flight let the reader run a little ahead of the writer
+    # (so a momentary stall on one side does not stop the other) while keeping
+    # the bound at (4 + 2) x 64 KiB = 384 KiB per direction.
+    buffer_chunks: int = attrs.field(
+        default=DEFAULT_BUFFER_CHUNKS,
+        validator=_in_range(1, 1024),
+        metadata=_count(
+            "--buffer-chunks",
+            "chunks that may wait for a slow receiver, per direction",
+            group="memory",
+        ),
+    )
     # Payload bytes all connections together may hold; readers wait when it
-    # is spent. At least one read_size, or no read could ever start.
-    max_buffer_memory: int = attrs.field(default=DEFAULT_MAX_BUFFER_MEMORY)
-    # Where to serve /metrics and /debug/memory; None: nowhere.
-    metrics_listen: tuple[str, int] | None = None
+    # is spent. At least one read_size, or no read could ever start (issue 4).
+    # 64 MiB lets ~170 directions fill their whole default 384 KiB channel, or
+    # ~1000 hold one 64 KiB chunk, before readers queue; with ~25 MB idle RSS
+    # the whole process stays near 128 MiB at a few hundred connections, which
+    # fits the smallest common container limits.
+    max_buffer_memory: int = attrs.field(
+        default=DEFAULT_MAX_BUFFER_MEMORY,
+        metadata=_bytes(
+            "--max-buffer-memory",
+            "payload bytes all connections together may buffer; readers wait beyond it",
+            group="memory",
+        ),
+    )
+    # Move CONNECT/Upgrade tunnels and large Content-Length response bodies
+    # socket-to-socket with splice(2) on Linux, through a kernel pipe of
+    # max_buffered_per_direction bytes (rounded down to pages): the same
+    # bound, in the kernel, and zero payload bytes in user space. Where splice
+    # cannot work (TLS, non-socket streams, other systems) or does not pay
+    # (small or chunked bodies), the channel relay runs anyway; False forces
+    # it. (Issue 5.)
+    splice: bool = attrs.field(
+        default=True,
+        metadata=setting(
+            "--no-splice",
+            group="memory",
+            action="store_false",
+            help="never use the zero-copy splice(2) path; always relay through user space",
+        ),
+    )
 
     @max_buffer_memory.validator
     def _check_max_buffer_memory(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -216,53 +576,133 @@ class ProxyConfig:
                 f"max_buffer_memory must be at least read_size ({self.read_size}), got {value}"
             )
 
-    # --- end memory budget and metrics ---
+    # ---- upstream: reverse mode's origin and the pool of connections to it ----
+    # None: a forward proxy, which goes where each request says.
+    upstream: Upstream | None = attrs.field(
+        default=None,
+        converter=_to_upstream,
+        metadata=setting(
+            "--upstream",
+            group="upstream",
+            metavar="URL",
+            help="reverse mode: send every request to this http://host:port (else: forward proxy)",
+        ),
+    )
+    # Idle upstream connections kept for reuse; 0 turns pooling off. Only
+    # idle ones count: connections in use are bounded by max_connections.
+    # 32 absorbs the concurrency one worker sustains (a Python worker is
+    # saturated by a few dozen concurrent small exchanges) while holding few
+    # slots on the origin, where an idle keep-alive connection can pin a
+    # worker (Apache prefork, gunicorn sync). It costs up to 32 descriptors.
+    upstream_pool_size: int = attrs.field(
+        default=32,
+        validator=_in_range(0, 100_000),
+        metadata=_count(
+            "--upstream-pool-size",
+            "reverse mode: idle upstream connections kept for reuse (0: a new one per request)",
+            group="upstream",
+        ),
+    )
+    # Seconds an idle upstream connection is kept. Below the shortest common
+    # origin keep-alive timeout (Apache and Node.js 5 s; nginx 75 s) so that
+    # we, not the origin, close it: an origin closing a connection just as we
+    # reuse it costs a retry or a 502. 4 s still covers the gaps of a steady
+    # load. (gunicorn's 2 s is shorter; the check at checkout catches most of
+    # those closes, and the retry the rest for idempotent requests.)
+    upstream_idle_timeout: float = attrs.field(
+        default=4.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--upstream-idle-timeout",
+            "reverse mode: time an idle upstream connection is kept (then closed)",
+            group="upstream",
+        ),
+    )
 
-    # --- Zero-copy relay (issue 5) ---
-    # Move CONNECT/Upgrade tunnels and large Content-Length response bodies
-    # socket-to-socket with splice(2) on Linux, through a kernel pipe of
-    # max_buffered_per_direction bytes (rounded down to pages): the same
-    # bound, in the kernel, and zero payload bytes in user space. Where splice
-    # cannot work (TLS, non-socket streams, other systems) or does not pay
-    # (small or chunked bodies), the channel relay runs anyway; False forces it.
-    splice: bool = True
-
-    # --- Multi-core workers (issue 5.3; see _workers) ---
-    # Processes that serve the listening port together, each a whole proxy
-    # with its own limits (so max_connections applies per worker). 1 serves
-    # in this process with no supervisor. More than one needs SO_REUSEPORT
-    # load balancing (Linux). 1024 is far beyond any core count we run on:
-    # the cap only turns a typo into an error instead of a fork storm.
-    workers: int = attrs.field(default=1, validator=[_in_range(1, 1024), _several_need_reuse_port])
-    # Open the listening sockets with SO_REUSEPORT, so that other processes
-    # of the same user may listen on the same port; set in workers.
-    reuse_port: bool = attrs.field(default=False, validator=_reuse_port_available)
-
-    # --- Access control and request limits (see _policy and _framing) ---
+    # ---- access: who may use the proxy, where CONNECT may go ----
     # Client networks that may use the proxy; others get 403.
-    allow: tuple[IPNetwork, ...] = attrs.field(default=LOOPBACK_NETWORKS, converter=parse_networks)
+    allow: tuple[IPNetwork, ...] = attrs.field(
+        default=LOOPBACK_NETWORKS,
+        converter=parse_networks,
+        metadata=setting(
+            "--allow",
+            group="access",
+            action="append",
+            show=_format_networks,
+            metavar="CIDR",
+            help="client network allowed to use the proxy (repeatable; default: loopback "
+            "only, 127.0.0.0/8 and ::1/128)",
+        ),
+    )
     # Ports CONNECT may reach, as inclusive ranges; others get 403.
     connect_ports: tuple[PortRange, ...] = attrs.field(
-        default=DEFAULT_CONNECT_PORTS, converter=parse_port_ranges
+        default=DEFAULT_CONNECT_PORTS,
+        converter=parse_port_ranges,
+        metadata=setting(
+            "--connect-ports",
+            group="access",
+            show=_format_port_ranges,
+            metavar="PORTS",
+            help="ports CONNECT may reach, e.g. 443,8443,9000-9100",
+        ),
     )
     # "USER:PASSWORD" for Basic proxy authentication, or None for none.
-    # Kept out of repr so that it never reaches a log.
-    auth: str | None = attrs.field(default=None, repr=False, validator=_credentials)
-    # Header fields per request head; more get 431.
-    max_header_fields: int = attrs.field(
-        default=DEFAULT_MAX_HEADER_FIELDS, validator=_in_range(1, 10_000)
-    )
-    # Bytes of the request target; longer gets 414. Checked while the request
-    # line arrives, so it fires before the 431 of max_head_size as long as it
-    # is smaller than max_head_size minus the request line's other bytes.
-    max_target_length: int = attrs.field(
-        default=DEFAULT_MAX_TARGET_LENGTH, validator=_in_range(16, 16 * MiB)
+    # Kept out of repr so that it never reaches a log, and read from the
+    # environment when the flag is not given, so that ps does not show it.
+    auth: str | None = attrs.field(
+        default=None,
+        repr=False,
+        validator=_credentials,
+        metadata=setting(
+            "--auth",
+            group="access",
+            env=AUTH_ENVIRONMENT_VARIABLE,
+            metavar="USER:PASSWORD",
+            help=f"require Basic proxy credentials (better: set {AUTH_ENVIRONMENT_VARIABLE}, "
+            "which stays out of ps)",
+        ),
     )
 
-    # --- Parent proxy, forward mode (see _parent) ---
+    # ---- logging (and metrics; the logs themselves are LogSettings) ----
+    # Where to serve /metrics and /debug/memory; None: nowhere. (Issue 4.)
+    metrics_listen: tuple[str, int] | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "--metrics",
+            group="logging",
+            parse=parse_listen,
+            show=format_listen,
+            metavar="HOST:PORT",
+            help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+        ),
+    )
+
+    # ---- upstream: a parent proxy for forward mode (see _parent) ----
     # Send forward-mode traffic through this HTTP proxy; None: go direct.
+    # Kept out of repr: the URL may carry our credentials for the parent.
     parent_proxy: ParentProxy | None = attrs.field(
-        default=None, converter=_to_parent_proxy, repr=False
+        default=None,
+        converter=_to_parent_proxy,
+        repr=False,
+        metadata=setting(
+            "--parent-proxy",
+            group="upstream",
+            metavar="URL",
+            help="forward mode: send every request through this "
+            "http://[USER:PASSWORD@]HOST:PORT proxy",
+        ),
+    )
+    # Targets that go direct even with a parent: host, .domain or CIDR.
+    no_parent_for: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=parse_no_parent,
+        metadata=setting(
+            "--no-parent-for",
+            group="upstream",
+            action="append",
+            metavar="HOST|.DOMAIN|CIDR",
+            help="a target that goes direct despite --parent-proxy (repeatable)",
+        ),
     )
 
     @parent_proxy.validator
@@ -270,21 +710,43 @@ class ProxyConfig:
         if value is not None and self.upstream is not None:
             raise ValueError("parent_proxy is for forward mode; reverse mode has an upstream")
 
-    # Targets that go direct even with a parent: host, .domain or CIDR.
-    no_parent_for: tuple[str, ...] = attrs.field(default=(), converter=parse_no_parent)
-
-    # --- PROXY protocol (see _proxy_protocol) ---
+    # ---- access: HAProxy's PROXY protocol in and out (see _origin) ----
     # Every accepted connection starts with a PROXY protocol header (v1 or
     # v2) from a balancer; the address it carries is the client.
-    proxy_protocol: bool = False
+    proxy_protocol: bool = attrs.field(
+        default=False,
+        metadata=setting(
+            "--proxy-protocol",
+            group="access",
+            action="store_true",
+            help="every connection starts with a PROXY protocol header (v1 or v2) "
+            "whose address is the client",
+        ),
+    )
     # Peers that may send that header; a connection from elsewhere is closed.
     proxy_protocol_from: tuple[IPNetwork, ...] = attrs.field(
-        default=LOOPBACK_NETWORKS, converter=parse_networks
+        default=LOOPBACK_NETWORKS,
+        converter=parse_networks,
+        metadata=setting(
+            "--proxy-protocol-from",
+            group="access",
+            action="append",
+            show=_format_networks,
+            metavar="CIDR",
+            help="a peer network that may send the PROXY header (repeatable; default: loopback)",
+        ),
     )
     # Reverse mode: start each upstream connection with the client's address
     # in a PROXY protocol header of this version; None: send none.
     upstream_send_proxy: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.in_(("v1", "v2")))
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.in_(("v1", "v2"))),
+        metadata=setting(
+            "--upstream-send-proxy",
+            group="upstream",
+            choices=("v1", "v2"),
+            help="reverse mode: start each upstream connection with a PROXY header of this version",
+        ),
     )
 
     @property
@@ -301,22 +763,6 @@ class ProxyConfig:
             max_target_length=self.max_target_length,
         )
 
-    # --- Upstream keep-alive pool, reverse mode (issue 5) ---
-    # Idle upstream connections kept for reuse; 0 turns pooling off. Only
-    # idle ones count: connections in use are bounded by max_connections.
-    # 32 absorbs the concurrency one worker sustains (a Python worker is
-    # saturated by a few dozen concurrent small exchanges) while holding few
-    # slots on the origin, where an idle keep-alive connection can pin a
-    # worker (Apache prefork, gunicorn sync). It costs up to 32 descriptors.
-    upstream_pool_size: int = attrs.field(default=32, validator=_in_range(0, 100_000))
-    # Seconds an idle upstream connection is kept. Below the shortest common
-    # origin keep-alive timeout (Apache and Node.js 5 s; nginx 75 s) so that
-    # we, not the origin, close it: an origin closing a connection just as we
-    # reuse it costs a retry or a 502. 4 s still covers the gaps of a steady
-    # load. (gunicorn's 2 s is shorter; the check at checkout catches most of
-    # those closes, and the retry the rest for idempotent requests.)
-    upstream_idle_timeout: float = attrs.field(default=4.0, validator=_positive)
-
     @property
     def mode(self) -> str:
         """``"reverse"`` with a fixed upstream, else ``"forward"``."""
@@ -326,3 +772,61 @@ class ProxyConfig:
     def max_buffered_per_direction(self) -> int:
         """The payload bytes one direction of one exchange may hold."""
         return (self.buffer_chunks + 2) * self.read_size
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@attrs.frozen(kw_only=True)
+class LogSettings:
+    """Where diagnostics and the access log go, and how they look.
+
+    The CLI applies them to the ``logging`` module (``_cli.configure_logging``);
+    an embedding application configures its own logging instead.
+    """
+
+    log_level: str = attrs.field(
+        default="warning",
+        validator=attrs.validators.in_(LOG_LEVELS),
+        metadata=setting(
+            "--log-level",
+            group="logging",
+            choices=LOG_LEVELS,
+            help="level of the diagnostic log (stderr)",
+        ),
+    )
+    log_format: str = attrs.field(
+        default="text",
+        validator=attrs.validators.in_(LOG_FORMATS),
+        metadata=setting(
+            "--log-format",
+            group="logging",
+            choices=LOG_FORMATS,
+            help="format of the diagnostic and access logs",
+        ),
+    )
+    access_log: str = attrs.field(
+        default="-",
+        metadata=setting(
+            "--access-log",
+            group="logging",
+            metavar="PATH|-|off",
+            help="where to append one line per request: a file, - for stderr, or off",
+        ),
+    )
+
+
+SETTINGS_CLASSES: tuple[type[attrs.AttrsInstance], ...] = (ProxyConfig, LogSettings)
+"""The classes whose fields are settings: what a command line or a config file sets."""
+
+
+def all_settings() -> tuple[Setting, ...]:
+    """Every setting, grouped in ``GROUPS`` order, in field order within a group.
+
+    The one list the CLI, a config file's schema and its documentation are
+    made from.
+    """
+    found = [spec for cls in SETTINGS_CLASSES for spec in settings_of(cls)]
+    order = list(GROUPS)
+    return tuple(sorted(found, key=lambda spec: order.index(spec.group)))

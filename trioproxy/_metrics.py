@@ -181,6 +181,19 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         "Exchanges failed by the upstream (502, 504).",
         {"": meters.upstream_errors},
     )
+    yield from _tunnel_lines(meters)
+    yield from _metric(
+        "trioproxy_sink_wait_seconds_total",
+        "counter",
+        "Time readers waited for a slow receiver (response: slow clients).",
+        {
+            '{direction="request"}': request.sink_wait_seconds,
+            '{direction="response"}': response.sink_wait_seconds,
+        },
+    )
+
+
+def _tunnel_lines(meters: ProxyMeters) -> Iterator[str]:
     yield from _metric(
         "trioproxy_tunnels_open",
         "gauge",
@@ -194,15 +207,6 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         {
             '{direction="up"}': meters.tunnel_bytes_up,
             '{direction="down"}': meters.tunnel_bytes_down,
-        },
-    )
-    yield from _metric(
-        "trioproxy_sink_wait_seconds_total",
-        "counter",
-        "Time readers waited for a slow receiver (response: slow clients).",
-        {
-            '{direction="request"}': request.sink_wait_seconds,
-            '{direction="response"}': response.sink_wait_seconds,
         },
     )
 
