@@ -8,12 +8,15 @@ must happen promptly.
 
 from __future__ import annotations
 
+import re
 import signal
+import sys
 
 import h11
 import pytest
 import trio
 
+import trioproxy
 from trioproxy import _memory
 
 from .helpers import (
@@ -36,9 +39,11 @@ async def expect_cut_download(proxy_port: int, origin_port: int) -> None:
     assert 0 < sum(received) < len(CHUNK) * CHUNKS
 
 
-async def test_startup_is_one_line_and_access_log_goes_to_stderr() -> None:
-    """At the default log level stderr carries exactly the startup line until a
-    request arrives, then one access line per request; SIGTERM exits 0."""
+async def test_startup_is_two_lines_and_access_log_goes_to_stderr() -> None:
+    """At the default log level stderr carries exactly the startup line and the
+    summary (version, mode, workers, memory ceiling) until a request arrives,
+    then one access line per request; SIGTERM exits 0 with one line saying
+    how the drain went."""
     origin = GatedOrigin()
     origin.release.set()
     async with trio.open_nursery() as nursery:
@@ -48,14 +53,17 @@ async def test_startup_is_one_line_and_access_log_goes_to_stderr() -> None:
             received: list[int] = []
             assert await download(proxy.port, origin.port, received) == len(CHUNK) * CHUNKS
             with trio.fail_after(PROMPTLY):
+                summary = await proxy.stderr.line()
                 access = await proxy.stderr.line()
                 proxy.process.send_signal(signal.SIGTERM)
                 assert await proxy.process.wait() == 0
                 rest = await proxy.stderr.rest()
         nursery.cancel_scope.cancel()
+    assert summary.startswith(f"trioproxy {trioproxy.__version__}: forward proxy, 1 worker, ")
+    assert re.search(r"memory ceiling \d+ MiB per process \(idle \d+ MiB \+ budget 64 MiB", summary)
     assert "client=127.0.0.1 method=GET" in access
     assert f"status=200 bytes_in=0 bytes_out={len(CHUNK) * CHUNKS}" in access
-    assert rest == ""
+    assert rest == "trioproxy stopped: 0 busy connections drained, 0 cut at the deadline\n"
 
 
 async def test_sigterm_lets_inflight_download_finish_and_refuses_new_connections() -> None:
@@ -80,8 +88,10 @@ async def test_sigterm_lets_inflight_download_finish_and_refuses_new_connections
                     await trio.open_tcp_stream("127.0.0.1", proxy.port)
                 origin.release.set()
                 assert await proxy.process.wait() == 0
+                rest = await proxy.stderr.rest()
         nursery.cancel_scope.cancel()
     assert results == [len(CHUNK) * CHUNKS]
+    assert "trioproxy stopped: 1 busy connections drained, 0 cut at the deadline" in rest
 
 
 async def test_shutdown_timeout_cuts_a_stuck_transfer() -> None:
@@ -97,7 +107,17 @@ async def test_shutdown_timeout_cuts_a_stuck_transfer() -> None:
                     await origin.half_sent.wait()
                     proxy.process.send_signal(signal.SIGTERM)
                     assert await proxy.process.wait() == 0
+                    rest = await proxy.stderr.rest()
         nursery.cancel_scope.cancel()
+    assert rest.endswith("trioproxy stopped: 0 busy connections drained, 1 cut at the deadline\n")
+
+
+async def test_version_flag() -> None:
+    """--version prints the package's version and exits 0."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "trioproxy", "--version"], capture_stdout=True
+    )
+    assert result.stdout.decode() == f"trioproxy {trioproxy.__version__}\n"
 
 
 async def test_second_signal_exits_at_once() -> None:

@@ -34,5 +34,6 @@ from ._tunnel import TunnelStatistics as TunnelStatistics
 from ._tunnel import tunnel as tunnel
 from ._upstream import OpenUpstream as OpenUpstream
 from ._upstream import open_tcp_upstream as open_tcp_upstream
+from ._version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION

@@ -33,9 +33,11 @@ from ._config import parse_listen as parse_listen
 from ._limits import descriptors_needed, raise_open_file_limit
 from ._listen import listening_line
 from ._memory import prepare_process_memory
+from ._metrics import startup_summary
 from ._server import serve
 from ._units import UNITS_HELP, for_argparse
 from ._units import parse_size as parse_size
+from ._version import VERSION
 from ._workers import WorkerLink, WorkerStartupError, supervise
 
 logger = logging.getLogger("trioproxy")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=UNITS_HELP,
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("-V", "--version", action="version", version=f"trioproxy {VERSION}")
     groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
     for spec in all_settings():
         _add_flag(groups[spec.group], spec)
@@ -176,7 +179,10 @@ async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
             async def serve_then_stop(
                 task_status: trio.TaskStatus[list[trio.SocketListener]],
             ) -> None:
-                await serve(config, shutdown_trigger=first_signal.wait, task_status=task_status)
+                report = await serve(
+                    config, shutdown_trigger=first_signal.wait, task_status=task_status
+                )
+                print(f"trioproxy stopped: {report}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
 
             nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
@@ -184,6 +190,7 @@ async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
             host, port = listeners[0].socket.getsockname()[:2]
             if worker is None:
                 print(listening_line(host, port), file=sys.stderr, flush=True)
+                print(startup_summary(config, VERSION), file=sys.stderr, flush=True)
             else:
                 await nursery.start(worker.report_ready_then_watch, host, port, first_signal.set)
 

@@ -120,6 +120,44 @@ def process_rss() -> int:
     return rss
 
 
+def startup_rss() -> int:
+    """This process's RSS without importing psutil (which would add ~1 MiB to
+    what it measures): ``/proc/self/statm`` where it exists."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return process_rss()
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def ceiling_at_limits(config: ProxyConfig, idle_rss: int) -> int:
+    """The RSS one process may reach at its configured limits: the ceiling
+    formula (docs/memory.md) with every allowed connection busy with an
+    exchange."""
+    per_connection = CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES
+    return idle_rss + config.max_buffer_memory + config.max_connections * per_connection
+
+
+def startup_summary(config: ProxyConfig, version: str) -> str:
+    """The line logged at start: version, mode, workers and the memory ceiling."""
+    idle = startup_rss()
+    ceiling = ceiling_at_limits(config, idle)
+    mode = (
+        f"reverse proxy for {config.upstream.authority}"
+        if config.upstream is not None
+        else "forward proxy" + (" via a parent proxy" if config.parent_proxy else "")
+    )
+    workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
+    mib = 1024 * 1024
+    return (
+        f"trioproxy {version}: {mode}, {workers}, memory ceiling {ceiling / mib:.0f} MiB"
+        f" per process (idle {idle / mib:.0f} MiB + budget {config.max_buffer_memory / mib:.0f}"
+        f" MiB + {config.max_connections} connections x "
+        f"{(CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES) // 1024} KiB)"
+    )
+
+
 def _budget_statistics(meters: ProxyMeters) -> BudgetStatistics | None:
     return meters.budget.statistics() if meters.budget is not None else None
 

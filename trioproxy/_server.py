@@ -17,7 +17,7 @@ from ._listen import open_reuse_port_listeners
 from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
 from ._pool import open_upstream_pool
-from ._shutdown import Shutdown, ShutdownTrigger, serve_until_shutdown
+from ._shutdown import DrainReport, Shutdown, ShutdownTrigger, serve_until_shutdown
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 
@@ -28,7 +28,7 @@ async def serve(
     meters: ProxyMeters | None = None,
     shutdown_trigger: ShutdownTrigger | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
+) -> DrainReport:
     """Listen on ``config.listen_host:listen_port`` and serve until cancelled,
     or until ``shutdown_trigger()`` returns and the server has drained.
 
@@ -72,7 +72,7 @@ async def serve(
         if config.metrics_listen is not None:
             await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)
         nursery.start_soon(trim_heap_when_idle, shared_meters, lambda: pool.idle_count)
-        await serve_until_shutdown(
+        report = await serve_until_shutdown(
             handler,
             listeners,
             config=config,
@@ -81,3 +81,4 @@ async def serve(
             task_status=task_status,
         )
         nursery.cancel_scope.cancel()  # drained: the side tasks end with the server
+    return report

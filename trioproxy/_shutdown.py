@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+import attrs
 import trio
 
 from ._config import ProxyConfig
@@ -34,6 +35,18 @@ from ._limits import Handler, ListenerT, serve_listeners_limited
 logger = logging.getLogger("trioproxy")
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
+
+
+@attrs.frozen
+class DrainReport:
+    """How a drain went: busy connections (not idle ones) that finished their
+    exchange within ``shutdown_timeout``, and those cut at its end."""
+
+    drained: int
+    cut: int
+
+    def __str__(self) -> str:
+        return f"{self.drained} busy connections drained, {self.cut} cut at the deadline"
 
 
 class Shutdown:
@@ -46,6 +59,11 @@ class Shutdown:
     def __init__(self) -> None:
         self.draining = False
         self._idle_scopes: set[trio.CancelScope] = set()
+
+    @property
+    def idle_count(self) -> int:
+        """Connections waiting idle for their next request now."""
+        return len(self._idle_scopes)
 
     def begin(self) -> None:
         """Start draining: cut every idle wait, now and from now on."""
@@ -101,19 +119,35 @@ async def serve_until_shutdown(
     shutdown: Shutdown,
     trigger: ShutdownTrigger | None,
     task_status: trio.TaskStatus[list[ListenerT]] = trio.TASK_STATUS_IGNORED,
-) -> None:
+) -> DrainReport:
     """Serve ``listeners`` (at most ``config.max_connections`` at once) until
     ``trigger()`` returns; then drain for ``config.shutdown_timeout`` seconds.
 
     Without a trigger it serves until cancelled. Cancelling it at any time
     closes the listeners and every connection at once.
+
+    Returns:
+        How many connections busy at the trigger finished, and how many the
+        deadline cut.
     """
     limiter = trio.Semaphore(config.max_connections)
+    cut = 0
+
+    async def counted(stream: Any) -> None:
+        nonlocal cut
+        finished = False
+        try:
+            await handler(stream)
+            finished = True  # handlers return unless cancelled
+        finally:
+            if not finished and shutdown.draining:
+                cut += 1
+
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
             serve_all = functools.partial(
                 serve_listeners_limited,
-                handler,
+                counted,
                 listeners,
                 limiter=limiter,
                 handler_nursery=handlers,
@@ -122,11 +156,14 @@ async def serve_until_shutdown(
             task_status.started(list(listeners))
             await (trigger or trio.sleep_forever)()
             accepting.cancel_scope.cancel()
+        busy = config.max_connections - limiter.value - shutdown.idle_count
         logger.info(
-            "shutting down: stopped accepting; waiting up to %g s for %d connections",
+            "shutting down: stopped accepting; waiting up to %g s for %d busy connections",
             config.shutdown_timeout,
-            config.max_connections - limiter.value,
+            busy,
         )
         shutdown.begin()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
-    logger.info("shutdown complete")
+    report = DrainReport(drained=max(0, busy - cut), cut=cut)
+    logger.info("shutdown complete: %s", report)
+    return report

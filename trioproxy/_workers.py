@@ -64,6 +64,8 @@ import trio
 from ._config import ProxyConfig
 from ._errors import collapse_single_error
 from ._listen import listening_line
+from ._metrics import startup_summary
+from ._version import VERSION
 
 logger = logging.getLogger("trioproxy")
 
@@ -302,6 +304,7 @@ class _Supervisor:
             first = addresses[0]
             if first is not None and not self.stopping.is_set():
                 print(listening_line(*first), file=sys.stderr, flush=True)
+                print(startup_summary(self.config, VERSION), file=sys.stderr, flush=True)
 
     async def run_worker(
         self, index: int, task_status: trio.TaskStatus[tuple[str, int] | None]
