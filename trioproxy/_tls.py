@@ -1,0 +1,665 @@
+"""TLS on both legs: contexts, a TLS stream with a memory bound, the upstream handshake.
+
+Nothing here knows the server: the listener wraps accepted sockets in
+``BoundedTLSStream(..., server_side=True)`` with ``server_context(...)``; the
+upstream connector calls ``open_tls_upstream`` on a TCP stream it opened with
+``client_context(...)``. Both legs then look like any other ``trio.abc.Stream``.
+
+Why ``trio.SSLStream`` is not used bare. It keeps two OpenSSL memory BIOs, one
+each way, and three of its habits break our memory bound:
+
+1. ``send_all(data)`` encrypts *all* of ``data`` into the outgoing BIO before
+   it sends a byte, so a 10 MiB argument is 10 MiB of ciphertext waiting for
+   the peer.
+2. ``receive_some()`` without ``max_bytes`` asks for ``_estimated_receive_size``,
+   which grows to the largest transport read ever seen.
+3. The transport read itself is ``transport.receive_some()`` with no size: the
+   transport decides (64 KiB for ``trio.SocketStream``, everything buffered
+   for an in-memory stream). trio once had ``max_refill_bytes`` for this; it
+   was never used and was removed in trio 0.18, so there is nothing to pass.
+
+And a fourth that makes any excess permanent: a memory BIO keeps its peak size
+allocated after it is drained. One oversize call costs its size for the rest
+of the connection. Measured with 200 in-memory connection pairs, each sending
+1 MiB in one ``send_all`` and then idle: a bare ``SSLStream`` pair kept
+2,144 KiB, a ``BoundedTLSStream`` pair 100 KiB at 16 KiB slices and 198 KiB at
+64 KiB, against 53 KiB for pairs that had sent 100 bytes. So
+``BoundedTLSStream`` writes in slices of ``max_write``, never asks for more
+than ``max_read``, and puts a thin adapter under the ``SSLStream`` whose
+``receive_some`` never takes more than ``max_read`` from the transport.
+
+``https_compatible=True`` on both legs. With False, trio raises
+``BrokenResourceError`` when the peer closes TCP without a TLS close_notify, and
+sends a close_notify (which can block on a stalled peer) in ``aclose``. Real
+HTTPS peers routinely skip close_notify (RFC 2818 2.2.2), and HTTP has its own
+end-of-message framing: h11 already refuses a Content-Length or chunked body
+that ends early. Only a body delimited by the connection's close cannot be
+told from a truncation, and that is so on plain TCP too. In a tunnel the
+tunnelled protocol (usually TLS again, end to end) protects itself. So an EOF
+with or without close_notify is an EOF, and closing never waits on the peer.
+
+Half-close. A peer's TLS half-close works: after its close_notify we read
+``b""`` and can still send (TLS 1.2 and 1.3 alike). Our own cannot be had:
+trio offers only ``unwrap``, which waits for the peer's reply, and ``aclose``.
+``BoundedTLSStream`` is therefore a ``trio.abc.Stream``, not a
+``HalfCloseableStream``, and a tunnel (``_tunnel``) treats a TLS leg as a sink
+that cannot half-close. See ``BoundedTLSStream`` for what that means.
+
+Certificate names for SNI. Choosing a certificate by the client's server name
+needs each certificate's DNS names, and Python's ``ssl`` reads a PEM's names
+only from a live connection's peer certificate. The alternatives: the private
+``ssl._ssl._test_decode_cert`` (CPython internals, may vanish), the
+``cryptography`` package (a large compiled dependency for two fields), or an
+in-memory handshake per certificate at start-up (it works only when the
+certificate verifies, so not for an expired one). A DER walker that reads the
+subjectAltName dNSNames and the subject CN is about fifty lines of
+bounds-checked parsing of a structure fixed by RFC 5280, and the certificate it
+reads is the operator's own file, which OpenSSL then loads and checks in full.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+import ssl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeAlias
+
+import trio
+
+from ._errors import BadGateway
+
+StrPath: TypeAlias = str | os.PathLike[str]
+
+# RFC 8446 5.1: a TLS record carries at most 2**14 bytes of plaintext, and one
+# SSL read returns at most one record's plaintext (checked: a 64 KiB read of a
+# 200 KB transfer returns 16,384 bytes, TLS 1.2 and 1.3).
+TLS_RECORD_SIZE = 16 * 1024
+# RFC 8446 5.2: a TLS 1.3 record adds at most 256 bytes (header, content type,
+# tag, padding). The TLS 1.2 suites OpenSSL offers stay under it: AES-GCM adds
+# 29 bytes, CBC with SHA-384 at most 5 + 16 + 48 + 16 = 85.
+TLS_RECORD_OVERHEAD = 256
+# The defaults: one record per write, one record per read, memory first.
+# Larger slices cost less CPU per byte (measured over loopback, both ends in
+# one process: 64 KiB moved about twice the bytes per second of 16 KiB, as
+# fast as a bare SSLStream), and their size stays allocated in the BIOs for
+# the connection's life (see the module comment). Callers pass their own.
+DEFAULT_MAX_WRITE = TLS_RECORD_SIZE
+DEFAULT_MAX_READ = TLS_RECORD_SIZE
+
+_ALPN = ["http/1.1"]
+
+
+# --- contexts ----------------------------------------------------------------
+
+
+def server_context(pairs: Sequence[tuple[StrPath, StrPath]]) -> ssl.SSLContext:
+    """The listener's context: TLS 1.2 or later, ALPN http/1.1, certificates by SNI.
+
+    Args:
+        pairs: ``(certificate chain PEM, private key PEM)`` files. The first
+            pair is the default; another pair is chosen when the client's
+            server name matches one of its certificate's DNS names (exactly, or
+            a ``*.`` wildcard standing for one label). An exact name wins over
+            a wildcard, and an earlier pair over a later one.
+
+    Returns:
+        The default pair's context, whose ``sni_callback`` switches to the
+        matching pair's context during the handshake.
+
+    Raises:
+        ValueError: no pairs, or a file that is missing, unreadable, not PEM,
+            an encrypted key, or a key that does not match its certificate;
+            the message names the file and the fault.
+    """
+    if not pairs:
+        raise ValueError("TLS needs at least one certificate and key pair")
+    loaded = [_server_pair_context(cert, key) for cert, key in pairs]
+    contexts = [context for context, _ in loaded]
+    if len(contexts) > 1:
+        table = _SniTable([names for _, names in loaded])
+        contexts[0].sni_callback = table.callback(contexts)
+    return contexts[0]
+
+
+def client_context(
+    *,
+    ca_file: StrPath | None = None,
+    insecure: bool = False,
+    cert_file: StrPath | None = None,
+    key_file: StrPath | None = None,
+) -> ssl.SSLContext:
+    """The upstream leg's context: verification on unless ``insecure``, ALPN http/1.1.
+
+    Args:
+        ca_file: a PEM bundle to trust instead of the system store.
+        insecure: check neither the certificate nor the host name.
+        cert_file: a client certificate chain (PEM) to present.
+        key_file: its private key, when not in ``cert_file``.
+
+    Raises:
+        ValueError: ``ca_file`` with ``insecure``, a key without a certificate,
+            or a bad file (the message names it and the fault).
+    """
+    if insecure and ca_file is not None:
+        raise ValueError("an upstream CA file and insecure mode contradict each other")
+    if key_file is not None and cert_file is None:
+        raise ValueError("an upstream client key needs its certificate")
+    if insecure:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_file is not None:
+        with _file_errors("CA bundle", ca_file):
+            context = ssl.create_default_context(cafile=ca_file)
+    else:
+        context = ssl.create_default_context()
+    _configure(context)
+    if cert_file is not None:
+        _load_chain(context, cert_file, cert_file if key_file is None else key_file)
+    return context
+
+
+def _server_pair_context(cert: StrPath, key: StrPath) -> tuple[ssl.SSLContext, list[str]]:
+    """One pair's context, and its certificate's names."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _configure(context)
+    # A client-initiated renegotiation costs the server a handshake's CPU for
+    # nothing a client needs; HTTP/1.1 over TLS 1.2 has no use for it.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context, _load_chain(context, cert, key)
+
+
+def _configure(context: ssl.SSLContext) -> None:
+    """What both legs share. Set on every SNI context: after the switch,
+    OpenSSL takes ALPN selection from the new context."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(_ALPN)
+
+
+def _load_chain(context: ssl.SSLContext, cert: StrPath, key: StrPath) -> list[str]:
+    """``load_cert_chain`` with faults named (OpenSSL says "PEM lib"); returns
+    the certificate's names."""
+    names = _certificate_names_from_file(cert)
+    with _file_errors("private key", key), open(key, "rb") as file:
+        if b"PRIVATE KEY-----" not in file.read():
+            raise ValueError("no PEM private key")
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    except _EncryptedKey:
+        raise ValueError(
+            f"private key {os.fspath(key)}: encrypted keys are not supported"
+        ) from None
+    except ssl.SSLError as exc:
+        where = f"certificate {os.fspath(cert)} with key {os.fspath(key)}"
+        raise ValueError(f"{where}: {_describe_error(exc)}") from exc
+    return names
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_password() -> str:
+    # Without a callback, OpenSSL would prompt on the terminal: a server
+    # started by a service manager would hang there.
+    raise _EncryptedKey
+
+
+@contextmanager
+def _file_errors(what: str, path: StrPath) -> Iterator[None]:
+    """Re-raise OS errors and parse errors as one-line ValueErrors naming ``path``."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {os.fspath(path)}: {_describe_error(exc)}") from exc
+
+
+# --- SNI ---------------------------------------------------------------------
+
+
+class _SniTable:
+    """Server name -> index of the pair whose certificate carries it."""
+
+    def __init__(self, names_per_pair: Sequence[Sequence[str]]) -> None:
+        self._exact: dict[str, int] = {}
+        self._wildcard: dict[str, int] = {}  # "*.example.com" under "example.com"
+        for index, names in enumerate(names_per_pair):
+            for name in names:
+                if name.startswith("*."):
+                    self._wildcard.setdefault(name[2:], index)
+                else:
+                    self._exact.setdefault(name, index)
+
+    def lookup(self, server_name: str) -> int | None:
+        """The pair for ``server_name`` (an IDNA A-label, any case), or None."""
+        name = server_name.rstrip(".").lower()
+        if name in self._exact:
+            return self._exact[name]
+        _, dot, parent = name.partition(".")
+        return self._wildcard.get(parent) if dot else None
+
+    def callback(self, contexts: Sequence[ssl.SSLContext]) -> _SniCallback:
+        # The default context holds this callback; the callback must not hold
+        # the default context (a cycle), and never needs to: index 0 means
+        # "stay", as does no match.
+        return _SniCallback(self, [None, *contexts[1:]])
+
+
+class _SniCallback:
+    def __init__(self, table: _SniTable, contexts: list[ssl.SSLContext | None]) -> None:
+        self._table = table
+        self._contexts = contexts
+
+    def __call__(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        if server_name is None:
+            return
+        index = self._table.lookup(server_name)
+        chosen = None if index is None else self._contexts[index]
+        if chosen is not None:
+            ssl_object.context = chosen
+
+
+# --- certificate names (a minimal DER walker, see the module comment) ----------
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_SEQUENCE, _SET, _OID, _OCTET_STRING = 0x30, 0x31, 0x06, 0x04
+_VERSION, _EXTENSIONS = 0xA0, 0xA3  # [0] and [3] EXPLICIT in TBSCertificate
+_DNS_NAME = 0x82  # GeneralName dNSName: [2] IMPLICIT IA5String
+_SUBJECT_ALT_NAME = bytes.fromhex("551d11")  # OID 2.5.29.17
+_COMMON_NAME = bytes.fromhex("550403")  # OID 2.5.4.3
+_TEXT_TAGS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii"}  # UTF8, Printable, IA5
+_Element: TypeAlias = tuple[int, int, int]  # tag, start of value, end of value
+
+
+def _certificate_names_from_file(path: StrPath) -> list[str]:
+    with _file_errors("certificate", path):
+        with open(path, "rb") as file:
+            match = _PEM_CERTIFICATE.search(file.read())
+        if match is None:
+            raise ValueError("no PEM certificate")
+        return certificate_names(ssl.PEM_cert_to_DER_cert(match.group().decode("ascii")))
+
+
+def certificate_names(der: bytes) -> list[str]:
+    """The DNS names a certificate is for, lower-cased, in certificate order.
+
+    The subjectAltName dNSNames; the subject CN only when there are none (as
+    RFC 6125 6.4.4 lets clients fall back). IP addresses and other kinds of
+    name are not server names and are skipped.
+
+    Raises:
+        ValueError: ``der`` is not a well-formed X.509 certificate.
+    """
+    certificate = _only(der, (_SEQUENCE, 0, len(der)), _SEQUENCE)
+    fields = _children(der, _children(der, certificate, None)[0], None)
+    if fields and fields[0][0] == _VERSION:
+        fields = fields[1:]
+    # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ...
+    if len(fields) < 6:
+        raise ValueError("not an X.509 certificate")
+    names = [
+        der[start:end].decode("ascii").lower()
+        for extensions in fields[6:]
+        if extensions[0] == _EXTENSIONS
+        for value in _extension_values(der, extensions, _SUBJECT_ALT_NAME)
+        for tag, start, end in _children(der, _only(der, value, _SEQUENCE), None)
+        if tag == _DNS_NAME
+    ]
+    return names or _common_names(der, fields[4])
+
+
+def _extension_values(der: bytes, extensions: _Element, oid: bytes) -> Iterator[_Element]:
+    """The extnValue OCTET STRINGs of the extensions with ``oid``."""
+    for extension in _children(der, _only(der, extensions, _SEQUENCE), _SEQUENCE):
+        parts = _children(der, extension, None)
+        if parts[0][0] == _OID and der[parts[0][1] : parts[0][2]] == oid:
+            if parts[-1][0] != _OCTET_STRING:
+                raise ValueError("malformed certificate extension")
+            yield parts[-1]
+
+
+def _common_names(der: bytes, subject: _Element) -> list[str]:
+    names = []
+    for attribute in (
+        attribute
+        for rdn in _children(der, subject, _SET)
+        for attribute in _children(der, rdn, _SEQUENCE)
+    ):
+        parts = _children(der, attribute, None)
+        (_, oid_start, oid_end), (tag, start, end) = parts[0], parts[-1]
+        if der[oid_start:oid_end] == _COMMON_NAME and tag in _TEXT_TAGS:
+            names.append(der[start:end].decode(_TEXT_TAGS[tag]).lower())
+    return names
+
+
+def _only(der: bytes, parent: _Element, tag: int) -> _Element:
+    """The one element inside ``parent`` (an OCTET STRING or EXPLICIT wrapper)."""
+    elements = _children(der, parent, tag)
+    if len(elements) != 1:
+        raise ValueError("malformed certificate")
+    return elements[0]
+
+
+def _children(der: bytes, parent: _Element, tag: int | None) -> list[_Element]:
+    """The elements inside ``parent``'s value; each must have ``tag`` unless None."""
+    elements = list(_elements(der, parent[1], parent[2]))
+    if not elements or (tag is not None and any(element[0] != tag for element in elements)):
+        raise ValueError("malformed certificate")
+    return elements
+
+
+def _elements(der: bytes, pos: int, end: int) -> Iterator[_Element]:
+    """Parse the DER elements in ``der[pos:end]`` (definite lengths only)."""
+    while pos < end:
+        if pos + 2 > end:
+            raise ValueError("truncated certificate")
+        tag, length = der[pos], der[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if not 1 <= count <= 4 or pos + count > end:
+                raise ValueError("malformed certificate length")
+            length = int.from_bytes(der[pos : pos + count], "big")
+            pos += count
+        if pos + length > end:
+            raise ValueError("truncated certificate")
+        yield tag, pos, pos + length
+        pos += length
+
+
+# --- the bounded stream ---------------------------------------------------------
+
+
+class BoundedTLSStream(trio.abc.Stream):
+    """A ``trio.SSLStream`` whose every read and write has a size limit.
+
+    ``send_all`` encrypts and sends at most ``max_write`` bytes at a time;
+    ``receive_some`` asks OpenSSL for at most ``max_read`` bytes; the
+    ``SSLStream`` reads at most ``max_read`` bytes per call from the transport.
+    ``https_compatible`` is always on (see the module comment).
+
+    Memory: per stream, with ``W = max_write``, ``R = max_read`` and records of
+    at most 16 KiB plaintext + 256 B framing (``TLS_RECORD_*``), besides the
+    plaintext chunks themselves (the caller's, already in the relay's bound):
+
+    * sending: the plaintext slice is a view of the caller's buffer (no copy);
+      its ciphertext, ``C = W + ceil(W / 16 KiB) * 256 B``, is held twice at
+      the peak (in the outgoing BIO, and trio's copy of it on its way to the
+      transport) until the transport takes it;
+    * receiving: less than one record (16.25 KiB) waiting in the incoming BIO,
+      plus one transport read of at most ``R``, held twice for a moment
+      (trio's bytes and the BIO's copy);
+    * the BIOs keep their peak size allocated for the connection's life:
+      ``C`` outgoing and ``16.25 KiB + R`` incoming.
+
+    With the defaults (``W = R = 16 KiB``): sending 2 x 16.25 = 32.5 KiB,
+    receiving 16.25 + 2 x 16 = 48.25 KiB, at most 80.75 KiB in all, of which
+    48.5 KiB stays allocated while the connection idles. With ``W = R = 64
+    KiB``: 2 x 65 + 16.25 + 2 x 64 = 274.25 KiB, 145.25 KiB idle. Not counted:
+    OpenSSL's own per-connection state (keys, record buffers, the peer's
+    certificate), the same whatever the traffic; ``scripts/measure_overhead.py``
+    measures it.
+
+    EOF and tunnels: ``receive_some`` returns ``b""`` when the peer ends the
+    TLS session (close_notify) or just closes TCP. There is no ``send_eof``.
+    In a tunnel (``_tunnel.tunnel``) that means:
+
+    * EOF *from* the TLS leg is passed on as ``send_eof`` to the other leg
+      when that leg can half-close (plain TCP). After a close_notify the TLS
+      leg stays writable and the other direction keeps flowing. After a bare
+      TCP close trio marks the ``SSLStream`` broken, so the next write towards
+      the TLS leg fails and the tunnel ends with a stream error (a peer that
+      closed TCP has usually gone entirely).
+    * EOF from the other leg *towards* the TLS leg is not passed on: the TLS
+      peer sees nothing, that direction just ends, and the tunnel closes both
+      legs once the TLS leg's own direction ends too (its peer closes) or the
+      caller's idle timeout fires. A TLS peer that waits for EOF before it
+      answers therefore waits for that timeout.
+
+    Args:
+        transport_stream: the stream to run TLS over (usually a
+            ``trio.SocketStream``). Kept as ``transport_stream``.
+        ssl_context: from ``server_context`` or ``client_context``.
+        server_side: True on the listener's side.
+        server_hostname: the SNI and the name checked (client side).
+        max_write: the largest slice encrypted at once, at least 1.
+        max_read: the largest read from the transport and the most plaintext
+            returned per call, at least 1.
+
+    Attributes:
+        ssl_stream: the ``trio.SSLStream`` underneath, for ``cipher()``,
+            ``version()``, ``selected_alpn_protocol()``, ``getpeercert()``.
+            Do not read from or write to it directly.
+        transport_stream: the transport passed in.
+    """
+
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        max_write: int = DEFAULT_MAX_WRITE,
+        max_read: int = DEFAULT_MAX_READ,
+    ) -> None:
+        if max_write < 1 or max_read < 1:
+            raise ValueError(f"max_write and max_read must be at least 1: {max_write}, {max_read}")
+        self.transport_stream = transport_stream
+        self.ssl_stream = trio.SSLStream(
+            _CappedReceive(transport_stream, max_read),
+            ssl_context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            https_compatible=True,
+        )
+        self._max_write = max_write
+        self._max_read = max_read
+
+    async def do_handshake(self) -> None:
+        """Complete the handshake now (the first read or write would anyway).
+
+        The deadline is the caller's: wrap it in ``trio.fail_after``.
+        """
+        await self.ssl_stream.do_handshake()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send ``data``, ``max_write`` bytes at a time.
+
+        A second task calling ``send_all`` meanwhile gets ``BusyResourceError``
+        from the SSLStream: every await here is inside one of its ``send_all``
+        calls, so another task never runs between two slices.
+        """
+        view = memoryview(data).cast("B")
+        if not view:
+            await self.ssl_stream.send_all(b"")  # a checkpoint, and the state checks
+        for start in range(0, len(view), self._max_write):
+            await self.ssl_stream.send_all(view[start : start + self._max_write])
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.ssl_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Up to ``min(max_bytes, max_read)`` bytes of plaintext; ``b""`` at EOF."""
+        limit = (
+            self._max_read if max_bytes is None else min(operator.index(max_bytes), self._max_read)
+        )
+        return await self.ssl_stream.receive_some(limit)
+
+    async def aclose(self) -> None:
+        """Close the transport (no close_notify: ``https_compatible``)."""
+        await self.ssl_stream.aclose()
+
+
+class _CappedReceive(trio.abc.Stream):
+    """The transport as the SSLStream sees it: no read takes more than ``max_read``."""
+
+    def __init__(self, stream: trio.abc.Stream, max_read: int) -> None:
+        self._stream = stream
+        self._max_read = max_read
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(_capped(max_bytes, self._max_read))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _capped(max_bytes: int | None, cap: int) -> int:
+    return cap if max_bytes is None else min(operator.index(max_bytes), cap)
+
+
+# --- the upstream handshake and its failures ---------------------------------------
+
+# What a failed handshake raises: SSLStream turns every ssl.SSLError into
+# BrokenResourceError (the SSLError as __cause__); transports raise these.
+_HANDSHAKE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def open_tls_upstream(
+    transport_stream: trio.abc.Stream,
+    ssl_context: ssl.SSLContext,
+    *,
+    host: str,
+    port: int,
+    server_hostname: str | None = None,
+    max_write: int = DEFAULT_MAX_WRITE,
+    max_read: int = DEFAULT_MAX_READ,
+) -> BoundedTLSStream:
+    """Run TLS over an open connection to an upstream and finish the handshake.
+
+    Args:
+        transport_stream: the open connection to ``host:port``; this call owns it.
+        ssl_context: usually from ``client_context``.
+        host, port: the upstream, for the error message; ``host`` is the SNI
+            and the name checked unless ``server_hostname`` is given.
+        server_hostname: another name to send and check.
+        max_write, max_read: see ``BoundedTLSStream``.
+
+    Returns:
+        The TLS stream, handshake done (ALPN, certificate, cipher known).
+
+    Raises:
+        BadGateway: the handshake failed; one line such as ``TLS to
+            example.com:443 failed: certificate verify failed: self-signed
+            certificate``.
+
+    Resource handling: on any failure, cancellation included, the transport
+    is closed before this raises.
+
+    Error handling: the deadline is the caller's, as for the TCP connect:
+    ``with trio.fail_after(connect_timeout): await open_tls_upstream(...)``,
+    and the caller maps the ``trio.TooSlowError`` to 504 (``GatewayTimeout``).
+    """
+    name = host if server_hostname is None else server_hostname
+    try:
+        stream = BoundedTLSStream(
+            transport_stream,
+            ssl_context,
+            server_hostname=name,
+            max_write=max_write,
+            max_read=max_read,
+        )
+    except UnicodeError as exc:  # trio IDNA-encodes the name
+        await trio.aclose_forcefully(transport_stream)
+        raise BadGateway(f"TLS to {host}:{port} failed: invalid server name {name!r}") from exc
+    done = False
+    try:
+        await stream.do_handshake()
+        done = True
+    except _HANDSHAKE_ERRORS as exc:
+        raise BadGateway(f"TLS to {host}:{port} failed: {describe_tls_failure(exc)}") from exc
+    finally:
+        if not done:
+            await trio.aclose_forcefully(stream)
+    return stream
+
+
+def describe_tls_failure(exc: BaseException) -> str:
+    """A one-line reason for a failed TLS handshake, for logs and error pages.
+
+    ``certificate verify failed: <OpenSSL's verify message>`` for a
+    certificate, OpenSSL's reason in words (``wrong version number``) for
+    other TLS errors, ``connection closed during the handshake`` for an EOF.
+    """
+    cause = _cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if handshake_failure_reason(cause) == "eof":
+        return "connection closed during the handshake"
+    return _describe_error(cause)
+
+
+# OpenSSL reasons -> labels. "not_tls": the bytes were no TLS record at all (a
+# plain HTTP request or response, garbage). "protocol_version": TLS, but a
+# version the other side refuses (a TLS 1.1 client). "cert_rejected": the peer
+# refused our certificate (its alert; a verify failure on our side is
+# "verify_failed").
+_REASON_LABELS = {
+    "HTTP_REQUEST": "not_tls",
+    "HTTPS_PROXY_REQUEST": "not_tls",
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "cert_rejected",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "cert_rejected",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "cert_rejected",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "cert_rejected",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "cert_rejected",
+    "TLSV1_ALERT_UNKNOWN_CA": "cert_rejected",
+}
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A short label for a failed handshake, for a metrics counter.
+
+    One of ``verify_failed``, ``cert_rejected``, ``not_tls``,
+    ``protocol_version``, ``timeout`` (``trio.TooSlowError``), ``eof`` (the
+    peer closed or reset the connection) or ``other``. Accepts what the
+    handshake raised, or a ``BadGateway`` raised from it.
+    """
+    cause = _cause(exc)
+    if isinstance(cause, trio.TooSlowError):
+        return "timeout"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return "verify_failed"
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return "eof"
+    if isinstance(cause, ssl.SSLError):
+        return _REASON_LABELS.get(_openssl_reason(cause), "other")
+    if isinstance(cause, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+        return "eof"
+    return "other"
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first OS or TLS error (or timeout) in the ``__cause__`` chain, else the last link."""
+    while not isinstance(exc, OSError | trio.TooSlowError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _openssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code (``WRONG_VERSION_NUMBER``); "" for an SSLError
+    made without one (by Python code rather than by the ssl module)."""
+    return getattr(exc, "reason", None) or ""
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and _openssl_reason(exc):
+        return _openssl_reason(exc).lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
