@@ -36,6 +36,7 @@ LAYERS = {
     "_tunnel": 6,
     "_upstream": 6,
     "_units": 0,
+    "_tls": 5,
     "_version": 0,
     "_origin": 9,
     "_routes": 0,
