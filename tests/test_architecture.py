@@ -42,7 +42,7 @@ LAYERS = {
     "_routes": 0,
     "_proxy_protocol": 1,
     "_parent": 1,
-    "_balance": 1,
+    "_balance": 4,
     "_switching": 7,
     "_accesslog": 7,
     "_exchange": 8,

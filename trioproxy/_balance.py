@@ -61,6 +61,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ._http import RETRY_SAFE_METHODS
 from ._routes import check_host_name
 
 Scheme = Literal["http", "https"]
@@ -76,15 +77,6 @@ DEFAULT_FAIL_TIMEOUT = 10.0
 # fail_timeout is far past any sensible threshold (a server failing that
 # often is down), and the cap keeps the per-server state a few hundred bytes.
 MAX_FAILS_LIMIT = 100
-
-# Methods repeated on another server after the upstream connection broke
-# before any response byte: the idempotent ones that also change nothing
-# (RFC 9110 9.2.1, 9.2.2). PUT and DELETE are idempotent but act; whether
-# the first attempt already acted cannot be known, and a repeated DELETE
-# answers 404 where the first would have answered 204. The exchange uses the
-# same set for its retry on a fresh connection to the same server
-# (``_exchange.may_retry``).
-RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 def _bad_url(url: str, problem: str) -> ValueError:

@@ -42,12 +42,12 @@ import h11
 import trio
 
 from ._accesslog import AccessRecord
-from ._balance import RETRY_SAFE_METHODS
 from ._body import pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
 from ._errors import BadGateway, GatewayTimeout, MethodNotAllowed, collapse_single_error
 from ._http import (
+    RETRY_SAFE_METHODS,
     Target,
     client_response_headers,
     connect_target,

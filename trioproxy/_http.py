@@ -45,6 +45,15 @@ HOP_BY_HOP = frozenset(
 
 VIA_VALUE = b"1.1 trioproxy"
 
+# Methods repeated on another server after the upstream connection broke
+# before any response byte: the idempotent ones that also change nothing
+# (RFC 9110 9.2.1, 9.2.2). PUT and DELETE are idempotent but act; whether
+# the first attempt already acted cannot be known, and a repeated DELETE
+# answers 404 where the first would have answered 204. Used for both retries:
+# on a fresh connection to the same server (``_exchange.may_retry``) and on
+# the next server of a group (``_balance``).
+RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
 # A DNS label is at most 63 octets and a name at most 253 (RFC 1035 2.3.4).
 _MAX_HOST_LENGTH = 253
 

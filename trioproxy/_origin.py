@@ -25,20 +25,12 @@ import trio
 from ._config import ProxyConfig
 from ._errors import STREAM_ERRORS
 from ._policy import client_allowed
-from ._proxy_protocol import (
-    Address,
-    ProxyProtocolError,
-    encode_v1,
-    encode_v1_unknown,
-    encode_v2,
-    encode_v2_local,
-    read_proxy_header,
-)
+
+# ``_proxy_protocol`` is imported where it is used, when the feature is on:
+# most deployments never need it, and every module imported costs idle RSS.
+Address = tuple[str, int]
 
 logger = logging.getLogger("trioproxy")
-
-# What ends a PROXY header read: a bad header, or a peer that broke off.
-_HEADER_ERRORS: tuple[type[Exception], ...] = (ProxyProtocolError, *STREAM_ERRORS)
 
 
 @attrs.frozen
@@ -80,11 +72,16 @@ async def read_client_origin(
     if host is None or not client_allowed(host, config.proxy_protocol_from):
         logger.warning("closing a connection from %s: it may not send a PROXY header", host)
         return None
+    from ._proxy_protocol import ProxyProtocolError, read_proxy_header
+
     with trio.move_on_after(config.header_timeout):
         try:
             header, initial = await read_proxy_header(stream, max_bytes=config.read_size)
-        except _HEADER_ERRORS as exc:
+        except ProxyProtocolError as exc:
             logger.warning("closing a connection from %s: bad PROXY header: %s", host, exc)
+            return None
+        except STREAM_ERRORS as exc:
+            logger.warning("closing a connection from %s: lost in its PROXY header: %r", host, exc)
             return None
         source = header.source if header.source is not None else peer
         destination = header.destination if header.destination is not None else local
@@ -106,6 +103,8 @@ def upstream_preface(config: ProxyConfig, origin: ClientOrigin) -> bytes:
     version = config.upstream_send_proxy
     if version is None or config.upstream is None:
         return b""
+    from ._proxy_protocol import encode_v1, encode_v1_unknown, encode_v2, encode_v2_local
+
     if origin.source is not None and origin.destination is not None:
         with contextlib.suppress(ValueError):  # two address families: say nothing
             encode = encode_v1 if version == "v1" else encode_v2
