@@ -96,10 +96,13 @@ async def handle_connection(
     """
     meters = meters if meters is not None else ProxyMeters.for_config(config)
     meters.client_connections += 1
+    shutdown = shutdown if shutdown is not None else Shutdown()
     client_host: str | None = client_address
+    ended = False  # False in `finally` only when cancelled
     try:
         origin = await read_client_origin(stream, config, client_address)
         if origin is None:
+            ended = True
             return  # logged: no valid PROXY header
         client_host = origin.host
         context = ExchangeContext(
@@ -120,13 +123,18 @@ async def handle_connection(
             head_limits=config.head_limits,
             initial=origin.initial,
         )
-        await _serve_requests(client, context, shutdown if shutdown is not None else Shutdown())
+        await _serve_requests(client, context, shutdown)
+        ended = True
     except ClientGone as exc:
+        ended = True
         logger.debug("client %s left: %s", client_host, exc)
     except Exception:
+        ended = True
         logger.exception("bug: unexpected error serving client %s", client_host)
     finally:
         meters.client_connections -= 1
+        if not ended and shutdown.draining:
+            shutdown.cut += 1  # the drain's deadline cut this connection
         await trio.aclose_forcefully(stream)
 
 

@@ -58,6 +58,9 @@ class Shutdown:
 
     def __init__(self) -> None:
         self.draining = False
+        # Connections the drain's deadline cut (``handle_connection`` counts
+        # itself here when it is cancelled while draining).
+        self.cut = 0
         self._idle_scopes: set[trio.CancelScope] = set()
 
     @property
@@ -131,23 +134,11 @@ async def serve_until_shutdown(
         deadline cut.
     """
     limiter = trio.Semaphore(config.max_connections)
-    cut = 0
-
-    async def counted(stream: Any) -> None:
-        nonlocal cut
-        finished = False
-        try:
-            await handler(stream)
-            finished = True  # handlers return unless cancelled
-        finally:
-            if not finished and shutdown.draining:
-                cut += 1
-
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
             serve_all = functools.partial(
                 serve_listeners_limited,
-                counted,
+                handler,
                 listeners,
                 limiter=limiter,
                 handler_nursery=handlers,
@@ -164,6 +155,6 @@ async def serve_until_shutdown(
         )
         shutdown.begin()
         handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
-    report = DrainReport(drained=max(0, busy - cut), cut=cut)
+    report = DrainReport(drained=max(0, busy - shutdown.cut), cut=shutdown.cut)
     logger.info("shutdown complete: %s", report)
     return report

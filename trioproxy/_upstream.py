@@ -61,6 +61,8 @@ class UpstreamConnector:
         pool: idle keep-alive connections shared by every client connection.
     """
 
+    __slots__ = ("_config", "_open", "pool")  # one per client connection: keep it small
+
     def __init__(
         self, config: ProxyConfig, open_upstream: OpenUpstream, pool: UpstreamPool
     ) -> None:
