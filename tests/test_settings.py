@@ -44,6 +44,7 @@ EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "splice": (["--no-splice"], {"splice": False}),
     "upstream": (["--upstream", "http://origin.test:81"], {"upstream": "http://origin.test:81"}),
     "upstream_pool_size": (["--upstream-pool-size", "0"], {"upstream_pool_size": 0}),
+    "upstream_pool_total": (["--upstream-pool-total", "5"], {"upstream_pool_total": 5}),
     "upstream_idle_timeout": (["--upstream-idle-timeout", "1m"], {"upstream_idle_timeout": 60}),
     "allow": (["--allow", "10.0.0.0/8", "--allow", "::1"], {"allow": ["10.0.0.0/8", "::1"]}),
     "connect_ports": (["--connect-ports", "443,9000-9100"], {"connect_ports": "443,9000-9100"}),
@@ -63,7 +64,11 @@ EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 
 # ProxyConfig fields that no flag sets, on purpose.
-NO_FLAG = {"reuse_port"}  # set for worker processes, never by a person
+NO_FLAG = {
+    "reuse_port",  # set for worker processes, never by a person
+    "upstreams",  # a config file's [upstream.NAME] tables (tests/test_configfile.py)
+    "routes",  # a config file's [[route]] tables
+}
 
 
 @pytest.fixture(autouse=True)
