@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 import h11
 import trio
 
+from ._balance import UpstreamGroup
 from ._budget import BudgetStatistics, MemoryBudget
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint
@@ -78,6 +79,8 @@ class ProxyMeters:
         tunnels_open: CONNECT and Upgrade tunnels running now.
         tunnel_bytes_up: bytes ended tunnels carried client -> upstream.
         tunnel_bytes_down: bytes ended tunnels carried upstream -> client.
+        groups: the upstream groups in force now (reverse mode), for the
+            per-server lines; the server sets it.
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -92,6 +95,7 @@ class ProxyMeters:
     tunnels_open: int = 0
     tunnel_bytes_up: int = 0
     tunnel_bytes_down: int = 0
+    groups: Callable[[], Iterable[UpstreamGroup]] = attrs.field(default=lambda: ())
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -182,6 +186,7 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         {"": meters.upstream_errors},
     )
     yield from _tunnel_lines(meters)
+    yield from _server_lines(meters.groups())
     yield from _metric(
         "trioproxy_sink_wait_seconds_total",
         "counter",
@@ -208,6 +213,49 @@ def _tunnel_lines(meters: ProxyMeters) -> Iterator[str]:
             '{direction="up"}': meters.tunnel_bytes_up,
             '{direction="down"}': meters.tunnel_bytes_down,
         },
+    )
+
+
+def _label(value: str) -> str:
+    """A label value as the text format writes it (backslash, quote, newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _server_lines(groups: Iterable[UpstreamGroup]) -> Iterator[str]:
+    """Per server of each group: up or out, exchanges in flight, attempts, failures."""
+    samples: dict[str, dict[str, float]] = {"up": {}, "in_flight": {}, "requests": {}, "fails": {}}
+    for group in groups:
+        for state in group.states:
+            labels = f'{{group="{_label(group.name)}",server="{_label(state.server.url)}"}}'
+            samples["up"][labels] = 1 if state.health() == "up" else 0
+            samples["in_flight"][labels] = state.in_flight
+            samples["requests"][labels] = state.requests
+            samples["fails"][labels] = state.failures
+    if not samples["up"]:
+        return
+    yield from _metric(
+        "trioproxy_upstream_server_up",
+        "gauge",
+        "1 while a server takes requests; 0 while health (passive or active) holds it out.",
+        samples["up"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_in_flight",
+        "gauge",
+        "Exchanges on a server now.",
+        samples["in_flight"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_requests_total",
+        "counter",
+        "Attempts sent to a server (a retry counts on each server it tried).",
+        samples["requests"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_failures_total",
+        "counter",
+        "Failures of a server: connect failures, resets before the response head.",
+        samples["fails"],
     )
 
 

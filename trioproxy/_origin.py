@@ -104,7 +104,7 @@ def upstream_preface(config: ProxyConfig, origin: ClientOrigin) -> bytes:
     LOCAL: the upstream then keeps its own peer's address.
     """
     version = config.upstream_send_proxy
-    if version is None or config.upstream is None:
+    if version is None or config.mode != "reverse":
         return b""
     if origin.source is not None and origin.destination is not None:
         with contextlib.suppress(ValueError):  # two address families: say nothing
