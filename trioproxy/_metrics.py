@@ -52,6 +52,11 @@ CONNECTION_OVERHEAD_BYTES = 12 * 1024
 # 92-116 KiB per client with 200 clients streaming (heap high-water
 # included); rounded up.
 EXCHANGE_OVERHEAD_BYTES = 128 * 1024
+# What an idle pooled upstream connection costs: its socket object and an
+# h11 state with empty buffers, no task. Measured 2.0 KiB each on the Python
+# heap (tracemalloc, 256 idle connections); doubled for the allocator's
+# share. At most --upstream-pool-total of them (256: 1 MiB).
+POOLED_CONNECTION_OVERHEAD_BYTES = 4 * 1024
 # A scrape is one small request; a client that sends nothing for this long is
 # dropped, so a stuck scraper cannot pin a task and a socket for ever.
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -81,6 +86,8 @@ class ProxyMeters:
         tunnel_bytes_down: bytes ended tunnels carried upstream -> client.
         groups: the upstream groups in force now (reverse mode), for the
             per-server lines; the server sets it.
+        pooled_upstreams: how many idle upstream connections the pool
+            holds now; the server sets it.
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -96,6 +103,7 @@ class ProxyMeters:
     tunnel_bytes_up: int = 0
     tunnel_bytes_down: int = 0
     groups: Callable[[], Iterable[UpstreamGroup]] = attrs.field(default=lambda: ())
+    pooled_upstreams: Callable[[], int] = attrs.field(default=lambda: 0)
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -290,9 +298,11 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     """RSS, buffered bytes and the ceiling formula, as a JSON-ready dict."""
     buffered = meters.request_bodies.held + meters.response_bodies.held
     budget = _budget_statistics(meters)
+    pooled = meters.pooled_upstreams()
     overhead = (
         CONNECTION_OVERHEAD_BYTES * meters.client_connections
         + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+        + POOLED_CONNECTION_OVERHEAD_BYTES * pooled
     )
     capacity = budget.capacity if budget is not None else None
     return {
@@ -310,10 +320,13 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "upstream": meters.upstream_connections,
         },
         "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
+        "pooled_upstream_connections": pooled,
         "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "per_pooled_connection_overhead_bytes": POOLED_CONNECTION_OVERHEAD_BYTES,
         "ceiling_formula": (
             "baseline_rss + budget + per_connection_overhead x client_connections"
             " + per_exchange_overhead x upstream_connections"
+            " + per_pooled_connection_overhead x pooled_upstream_connections"
         ),
         "ceiling_bytes": None if capacity is None else baseline_rss + capacity + overhead,
         "unexplained_bytes": rss - baseline_rss - buffered - overhead,

@@ -84,6 +84,7 @@ async def serve(
                 fronts=live,
             )
 
+        shared_meters.pooled_upstreams = lambda: pool.idle_count
         # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
         if config.metrics_listen is not None:
             await nursery.start(serve_metrics, shared_meters, *config.metrics_listen)
