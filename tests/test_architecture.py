@@ -51,9 +51,11 @@ LAYERS = {
     "_workers": 10,
     "_server": 11,
     "_cli": 12,
+    "_configfile": 3,
     "_front": 3,
     "_health": 7,
     "_reload": 9,
+    "_configdoc": 3,
 }
 # The longest function body allowed in the package, docstring aside (issue #10).
 MAX_FUNCTION_LINES = 60

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,6 +25,7 @@ import trio.testing
 
 from trioproxy import ProxyConfig
 from trioproxy._balance import GroupSpec, UpstreamServer
+from trioproxy._configfile import load_settings
 from trioproxy._connection import handle_connection
 from trioproxy._errors import BadGateway
 from trioproxy._front import LiveFront
@@ -32,7 +34,7 @@ from trioproxy._metrics import ProxyMeters, render_prometheus
 from trioproxy._pool import UpstreamPool
 from trioproxy._routes import Route, RouteTable
 
-from .helpers import read_h11_message, send_h11_message
+from .helpers import read_h11_message, send_h11_message, serve_origin, start_proxy
 
 PORTS = (9001, 9002, 9003)
 
@@ -378,3 +380,56 @@ async def test_metrics_and_the_access_log_name_the_group_and_server(
     assert len(lines) == 3
     assert all("upstream=127.0.0.1:9001 group=api" in line for line in lines)
 
+
+# ---- Loopback: the real server and real origins, from a config file ----
+
+
+async def test_loopback_routes_and_round_robin_from_a_config_file(tmp_path: Path) -> None:
+    """Three loopback origins behind ``serve``, configured by a TOML file:
+    routes by exact host and path prefix, wildcard host, and a default; 30
+    requests spread 10/10/10 by round robin; a file without a default route
+    answers 404 for what matches nothing."""
+    async with trio.open_nursery() as nursery:
+        ports = []
+        for name in (b"a", b"b", b"c", b"static"):
+
+            async def respond(
+                request: h11.Request, body: bytes, name: bytes = name
+            ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                return 200, [], name
+
+            ports.append(await nursery.start(serve_origin, respond))
+        servers = ", ".join(f'"http://127.0.0.1:{port}"' for port in ports[:3])
+        text = (
+            f"[upstream.api]\nservers = [{servers}]\n"
+            f'[upstream.static]\nservers = ["http://127.0.0.1:{ports[3]}"]\n'
+            '[[route]]\nhost = "api.example.test"\npath_prefix = "/v1/"\nupstream = "api"\n'
+            '[[route]]\nhost = "*.static.test"\nupstream = "static"\n'
+        )
+        path = tmp_path / "routes.toml"
+        path.write_text(text)
+        port = await start_proxy(nursery, load_settings(str(path), {}).config)
+        answers = Counter(
+            [await loopback_get(port, "api.example.test", "/v1/x") for _ in range(30)]
+        )
+        assert answers == {b"a": 10, b"b": 10, b"c": 10}
+        assert await loopback_get(port, "img.static.test", "/v1/x") == b"static"
+        assert await loopback_get(port, "api.example.test", "/v2/") == b"404"
+        path.write_text(text + '[[route]]\nupstream = "static"\n')
+        port = await start_proxy(nursery, load_settings(str(path), {}).config)
+        assert await loopback_get(port, "api.example.test", "/v2/") == b"static"
+        nursery.cancel_scope.cancel()
+
+
+async def loopback_get(port: int, host: str, target: str) -> bytes:
+    """The body of a 200, else the status as text."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", host), ("Connection", "close")]
+        await send_h11_message(
+            stream, conn, h11.Request(method="GET", target=target, headers=headers)
+        )
+        response, body = await read_h11_message(stream, conn)
+    assert isinstance(response, h11.Response)
+    return body if response.status_code == 200 else str(response.status_code).encode()

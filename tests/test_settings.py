@@ -135,11 +135,11 @@ def test_every_field_is_a_setting_or_deliberately_not() -> None:
 
 def test_help_lists_every_setting_once_in_its_group() -> None:
     """``--help`` has one entry per setting, under its group's title, in
-    GROUPS order, and states the units rule."""
+    GROUPS order, after the config file's two, and states the units rule."""
     text = build_parser().format_help()
     options = text.split("\noptions:\n", 1)[1]
     entries = [line.split()[0] for line in options.splitlines() if line.startswith("  --")]
-    assert entries == [spec.flag for spec in all_settings()]
+    assert entries == ["--config", "--check-config", *(spec.flag for spec in all_settings())]
     positions = [options.index(f"\n{group}:\n  {about}") for group, about in GROUPS.items()]
     assert positions == sorted(positions)
     for spec in all_settings():
