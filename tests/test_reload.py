@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,10 +21,12 @@ import attrs
 import h11
 import pytest
 import trio
+import trio.testing
 
 from trioproxy import ProxyConfig
 from trioproxy._balance import GroupSpec, UpstreamServer
 from trioproxy._front import Front, LiveFront
+from trioproxy._metrics import ProxyMeters
 from trioproxy._pool import UpstreamPool
 from trioproxy._reload import apply_reload
 from trioproxy._routes import Route, RouteTable
@@ -145,6 +147,8 @@ class NamedOrigin:
     requests: int = 0
     closed: int = 0
     closing: trio.Event = attrs.Factory(trio.Event)
+    hold: trio.Event | None = None  # set: answers wait for it
+    held: trio.Event = attrs.Factory(trio.Event)  # a request waits for ``hold``
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -159,6 +163,9 @@ class NamedOrigin:
             while True:
                 await read_h11_message(stream, conn)
                 self.requests += 1
+                if self.hold is not None:
+                    self.held.set()
+                    await self.hold.wait()
                 response = h11.Response(
                     status_code=200, headers=[("Content-Length", str(len(self.name)))]
                 )
@@ -233,30 +240,60 @@ class Download:
 async def test_a_reload_during_a_download_changes_routes_for_new_exchanges_only(
     nursery: trio.Nursery,
 ) -> None:
-    """While a download runs from the old group's server, a reload sends new
-    requests to the new group's server; the download finishes byte-exact;
-    the idle connection to the removed server is closed at the reload, and
-    the download's connection when it ends (not pooled)."""
+    """While a download and a slow request run on the old groups' servers, a
+    reload sends new requests to the new group's server; the download
+    finishes byte-exact and the slow response arrives; the idle connection
+    to a removed server is closed at the reload, and the slow request's
+    connection when its exchange ends (it is not pooled)."""
     log = OriginLog()
     streaming = await nursery.start(serve_streaming_origin, log)
-    old, new = NamedOrigin(b"old"), NamedOrigin(b"new")
-    await nursery.start(old.serve)
-    await nursery.start(new.serve)
+    old, slow, new = NamedOrigin(b"old"), NamedOrigin(b"slow"), NamedOrigin(b"new")
+    for origin in (old, slow, new):
+        await nursery.start(origin.serve)
+    slow.hold = trio.Event()
+    config = ProxyConfig(
+        upstreams=(
+            GroupSpec(name="files", servers=(server(streaming),)),
+            GroupSpec(name="slow", servers=(server(slow.port),)),
+            GroupSpec(name="one", servers=(server(old.port),)),
+        ),
+        routes=RouteTable(
+            (
+                Route(upstream="files", path_prefix="/bytes/"),
+                Route(upstream="slow", path_prefix="/slow/"),
+                Route(upstream="one"),
+            )
+        ),
+    )
+    meters = ProxyMeters.for_config(config)
     send, receive = trio.open_memory_channel[ProxyConfig](1)
-    port = await start_proxy(nursery, config_of(one=(streaming, old.port)), reloads=receive)
+    port = await start_proxy(nursery, config, reloads=receive, meters=meters)
     download = await Download.start(port, DOWNLOAD)
-    await download.read(1 << 20)  # under way, from the streaming origin
-    assert await get(port) == (200, b"old")  # round robin: the other server of "one"
+    await download.read(1 << 20)  # under way
+    assert await get(port) == (200, b"old")
+    answers: list[tuple[int, bytes]] = []
+    nursery.start_soon(lambda: append(answers, get(port, "/slow/x")))
+    await slow.held.wait()
     await trio.testing.wait_all_tasks_blocked()
     assert old.closed == 0  # its connection is idle in the pool
     await send.send(config_of(two=(new.port,)))
     with trio.fail_after(PROMPTLY):
         await old.closing.wait()  # the reload closed the idle connection to a removed server
-    for _ in range(3):
-        assert await get(port) == (200, b"new")
+    for target in ("/who", "/slow/y", "/bytes/1"):
+        assert await get(port, target) == (200, b"new")
+    slow.hold.set()
+    with trio.fail_after(PROMPTLY):
+        await slow.closing.wait()  # answered, then closed by the proxy: not pooled
+    assert answers == [(200, b"slow")]
     assert await download.finish() == (DOWNLOAD, expected_sha256(DOWNLOAD))
-    assert (old.requests, new.requests) == (1, 3)
-    assert log.requests[0].target == f"/bytes/{DOWNLOAD}".encode()
+    await trio.testing.wait_all_tasks_blocked()
+    assert meters.pooled_upstreams() == 1  # to "new" only
+    assert (old.requests, slow.requests, new.requests) == (1, 1, 3)
+    assert [request.target for request in log.requests] == [f"/bytes/{DOWNLOAD}".encode()]
+
+
+async def append(answers: list[tuple[int, bytes]], answer: Awaitable[tuple[int, bytes]]) -> None:
+    answers.append(await answer)
 
 
 @pytest.fixture
