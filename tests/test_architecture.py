@@ -42,7 +42,7 @@ LAYERS = {
     "_routes": 0,
     "_proxy_protocol": 1,
     "_parent": 1,
-    "_balance": 4,
+    "_balance": 1,
     "_switching": 7,
     "_accesslog": 7,
     "_exchange": 8,
@@ -53,6 +53,11 @@ LAYERS = {
     "_workers": 10,
     "_server": 11,
     "_cli": 12,
+    "_configfile": 3,
+    "_front": 3,
+    "_health": 7,
+    "_reload": 9,
+    "_configdoc": 3,
 }
 # The longest function body allowed in the package, docstring aside (issue #10).
 MAX_FUNCTION_LINES = 60

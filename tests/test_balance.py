@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from trioproxy._balance import (
     MAX_FAILS_LIMIT,
     Attempt,
+    GroupSpec,
     ServerState,
     UpstreamGroup,
     UpstreamServer,
@@ -612,3 +613,46 @@ class GroupMachine(RuleBasedStateMachine):
 
 TestGroupMachine = GroupMachine.TestCase
 TestGroupMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_a_group_spec_reads_a_config_files_values() -> None:
+    """URLs become servers, durations may be numbers or text with a unit, and
+    the live group takes the spec's settings."""
+    spec = GroupSpec(
+        name="api",
+        servers=["http://127.0.0.1:9001", UpstreamServer("http", "127.0.0.1", 9002)],
+        fail_timeout="1m",
+        health_interval=2,
+    )
+    assert spec.servers == (
+        UpstreamServer("http", "127.0.0.1", 9001),
+        UpstreamServer("http", "127.0.0.1", 9002),
+    )
+    assert (spec.fail_timeout, spec.health_interval) == (60.0, 2.0)
+    live = UpstreamGroup.from_spec(spec)
+    assert (live.servers, live.fail_timeout, live.balance) == (spec.servers, 60.0, "round_robin")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"servers": "http://a"}, "servers must be a list of URLs"),
+        ({"servers": [5]}, "is not a URL"),
+        ({"servers": ["http://a"], "fail_timeout": True}, "expected a duration"),
+        ({"servers": ["http://a"], "health_interval": 0}, "health_interval must be"),
+        ({"servers": ["http://a"], "health_check": "/a b"}, "health_check must be a path"),
+    ],
+)
+def test_a_group_spec_refuses_bad_values(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GroupSpec(name="api", **settings)
+
+
+def test_servers_count_attempts_and_failures() -> None:
+    """Per server, the attempts picked and the failures reported: the
+    counters /metrics shows."""
+    g = group(2, max_fails=0)
+    first, second = pick(g), pick(g)
+    g.report(first, ok=True, now=0.0)
+    g.report(second, ok=False, now=0.0)
+    assert [(s.requests, s.failures) for s in g.states] == [(1, 0), (1, 1)]

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from trioproxy._accesslog import AccessRecord, JsonFormatter, access_logger, log_access
-from trioproxy._cli import build_parser, config_from_args, configure_logging, main
+from trioproxy._cli import (
+    build_parser,
+    config_from_args,
+    configure_logging,
+    log_settings_from_args,
+    main,
+)
 
 
 def test_help_shows_every_new_flag_with_its_default() -> None:
@@ -83,7 +89,7 @@ async def test_json_access_log_to_a_file(tmp_path: Path, restore_logging: None) 
     request to the file, and not to the diagnostics."""
     path = tmp_path / "access.log"
     args = build_parser().parse_args(["--access-log", str(path), "--log-format", "json"])
-    configure_logging(args)
+    configure_logging(log_settings_from_args(args))
     assert isinstance(access_logger.handlers[0].formatter, JsonFormatter)
     assert access_logger.propagate is False
     record = AccessRecord(client="192.0.2.1", started=0.0)
@@ -97,5 +103,5 @@ async def test_json_access_log_to_a_file(tmp_path: Path, restore_logging: None) 
 
 async def test_access_log_off(restore_logging: None) -> None:
     """``--access-log off`` emits nothing on the access logger."""
-    configure_logging(build_parser().parse_args(["--access-log", "off"]))
+    configure_logging(log_settings_from_args(build_parser().parse_args(["--access-log", "off"])))
     assert not access_logger.isEnabledFor(logging.CRITICAL)

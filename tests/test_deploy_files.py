@@ -27,7 +27,11 @@ import trio
 
 from trioproxy import ProxyConfig
 from trioproxy._cli import build_parser, config_from_args
-from trioproxy._metrics import CONNECTION_OVERHEAD_BYTES, EXCHANGE_OVERHEAD_BYTES
+from trioproxy._metrics import (
+    CONNECTION_OVERHEAD_BYTES,
+    EXCHANGE_OVERHEAD_BYTES,
+    POOLED_CONNECTION_OVERHEAD_BYTES,
+)
 
 from .helpers import PROMPTLY, proxy_process
 
@@ -84,9 +88,11 @@ def accepted_config(args: list[str], help_flags: frozenset[str]) -> ProxyConfig:
 
 
 def ceiling(config: ProxyConfig) -> int:
-    """docs/memory.md's ceiling, with every connection in an exchange."""
+    """docs/memory.md's ceiling, with every connection in an exchange and a
+    full pool (none in forward mode)."""
     per_connection = CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES
-    return IDLE_RSS + config.max_buffer_memory + config.max_connections * per_connection
+    pooled = config.pool_caps[0] * POOLED_CONNECTION_OVERHEAD_BYTES
+    return IDLE_RSS + config.max_buffer_memory + config.max_connections * per_connection + pooled
 
 
 def shown_ceiling_mib(text: str) -> int:

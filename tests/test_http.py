@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import trioproxy
-from trioproxy._config import Upstream
+from trioproxy._balance import UpstreamServer
 from trioproxy._errors import BadGateway, BadRequest
 from trioproxy._http import (
     VIA_VALUE,
@@ -57,7 +57,7 @@ def test_forward_target_refuses_what_it_cannot_forward(target: bytes, message: s
 
 def test_reverse_target_uses_the_fixed_upstream() -> None:
     """Reverse mode keeps the path and sends Host as the upstream's authority."""
-    upstream = Upstream.from_url("http://10.0.0.1:9000")
+    upstream = UpstreamServer.from_url("http://10.0.0.1:9000")
     target = reverse_target(b"/a%20b?c=%2F", upstream)
     assert (target.host, target.port, target.path, target.authority) == (
         "10.0.0.1",
@@ -117,7 +117,7 @@ def test_upstream_request_headers_in_forward_mode() -> None:
 
 def test_upstream_request_headers_in_reverse_mode() -> None:
     """Reverse mode appends to X-Forwarded-For and replaces Proto and Host."""
-    target = reverse_target(b"/", Upstream.from_url("http://up"))
+    target = reverse_target(b"/", UpstreamServer.from_url("http://up"))
     headers = upstream_request_headers(
         [
             (b"Host", b"public"),

@@ -405,3 +405,46 @@ async def test_loopback_keep_alive_requests_share_one_upstream_connection() -> N
         with trio.fail_after(30):  # a bound on a hang, not a timing check
             await origin_done.wait()  # the pooled connection was closed
         nursery.cancel_scope.cancel()
+
+
+async def closed(origin: trio.abc.ReceiveStream) -> bool:
+    """Whether the proxy closed its end: EOF after the request it sent."""
+    await origin.receive_some()  # the GET
+    return await origin.receive_some() == b""
+
+
+async def test_each_server_keeps_at_most_max_idle_per_server() -> None:
+    """Per server at most ``max_idle_per_server`` idle connections (its
+    oldest is closed first), and at most ``max_idle`` over all servers (the
+    oldest of all is closed)."""
+    pool = UpstreamPool(max_idle=4, max_idle_per_server=2)
+    origins = {}
+    for name, port in (("a1", 1), ("a2", 1), ("b1", 2), ("a3", 1)):
+        pair = trio.testing.memory_stream_pair()
+        origins[name] = pair[1]
+        await release(pool, await done_endpoint([("Content-Length", "2")], pair), port)
+    assert (pool.idle_count, pool.idle_to("h", 1), pool.idle_to("h", 2)) == (3, 2, 1)
+    assert await closed(origins["a1"])  # the oldest to server 1
+    for name, port in (("c1", 3), ("c2", 3)):
+        pair = trio.testing.memory_stream_pair()
+        origins[name] = pair[1]
+        await release(pool, await done_endpoint([("Content-Length", "2")], pair), port)
+    assert pool.idle_count == 4  # the cap over all: the oldest of all (a2) went
+    assert await closed(origins["a2"])
+    assert (pool.idle_to("h", 1), pool.idle_to("h", 2), pool.idle_to("h", 3)) == (1, 1, 2)
+
+
+async def test_a_reload_closes_idle_connections_to_removed_servers() -> None:
+    """``close_idle_except`` closes the idle connections to servers not in
+    the new set, and keeps the others."""
+    pool = UpstreamPool(max_idle=8, max_idle_per_server=4)
+    far_ends = []
+    for port in (1, 2, 2, 3):
+        pair = trio.testing.memory_stream_pair()
+        far_ends.append(pair[1])
+        await release(pool, await done_endpoint([("Content-Length", "2")], pair), port)
+    assert await pool.close_idle_except({("h", 1), ("h", 3)}) == 2
+    assert (pool.idle_count, pool.idle_to("h", 2)) == (2, 0)
+    assert await closed(far_ends[1])
+    assert await closed(far_ends[2])
+    assert await pool.checkout("h", 1) is not None

@@ -44,6 +44,7 @@ EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "splice": (["--no-splice"], {"splice": False}),
     "upstream": (["--upstream", "http://origin.test:81"], {"upstream": "http://origin.test:81"}),
     "upstream_pool_size": (["--upstream-pool-size", "0"], {"upstream_pool_size": 0}),
+    "upstream_pool_total": (["--upstream-pool-total", "5"], {"upstream_pool_total": 5}),
     "upstream_idle_timeout": (["--upstream-idle-timeout", "1m"], {"upstream_idle_timeout": 60}),
     "allow": (["--allow", "10.0.0.0/8", "--allow", "::1"], {"allow": ["10.0.0.0/8", "::1"]}),
     "connect_ports": (["--connect-ports", "443,9000-9100"], {"connect_ports": "443,9000-9100"}),
@@ -63,7 +64,11 @@ EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 
 # ProxyConfig fields that no flag sets, on purpose.
-NO_FLAG = {"reuse_port"}  # set for worker processes, never by a person
+NO_FLAG = {
+    "reuse_port",  # set for worker processes, never by a person
+    "upstreams",  # a config file's [upstream.NAME] tables (tests/test_configfile.py)
+    "routes",  # a config file's [[route]] tables
+}
 
 
 @pytest.fixture(autouse=True)
@@ -130,11 +135,11 @@ def test_every_field_is_a_setting_or_deliberately_not() -> None:
 
 def test_help_lists_every_setting_once_in_its_group() -> None:
     """``--help`` has one entry per setting, under its group's title, in
-    GROUPS order, and states the units rule."""
+    GROUPS order, after the config file's two, and states the units rule."""
     text = build_parser().format_help()
     options = text.split("\noptions:\n", 1)[1]
     entries = [line.split()[0] for line in options.splitlines() if line.startswith("  --")]
-    assert entries == [spec.flag for spec in all_settings()]
+    assert entries == ["--config", "--check-config", *(spec.flag for spec in all_settings())]
     positions = [options.index(f"\n{group}:\n  {about}") for group, about in GROUPS.items()]
     assert positions == sorted(positions)
     for spec in all_settings():

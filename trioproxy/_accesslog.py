@@ -47,7 +47,9 @@ class AccessRecord:
         started: ``trio.current_time()`` at the first byte of the request.
         method: the request method, once the head is read.
         target: the request target as sent, once the head is read.
-        upstream: ``host:port`` of the upstream, once chosen.
+        upstream: ``host:port`` of the upstream (in reverse mode, the server
+            of the group), once chosen.
+        group: the upstream group the route chose; None in forward mode.
         status: the status sent to the client (or that was being sent when
             the response was aborted); None if no response began.
         reason: why the exchange failed; None for a success.
@@ -62,6 +64,7 @@ class AccessRecord:
     method: str | None = None
     target: str | None = None
     upstream: str | None = None
+    group: str | None = None
     status: int | None = None
     reason: str | None = None
     request_body: Progress = attrs.Factory(Progress)
@@ -106,6 +109,7 @@ class AccessRecord:
             "bytes_out": self.response_body.bytes_written,
             "duration": round(now - self.started, 6),
             "upstream": self.upstream,
+            "group": self.group,
             "ended": self.ended,
             "reason": self.reason,
         }
@@ -121,7 +125,7 @@ def format_text(fields: dict[str, Any]) -> str:
     """``client=... method=... target="..." status=200 ...``; None shows as ``-``."""
     parts = []
     for key, value in fields.items():
-        if key in ("reason", "ended") and value is None:
+        if key in ("group", "reason", "ended") and value is None:
             continue
         if value is None:
             shown = "-"

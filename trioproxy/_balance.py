@@ -45,8 +45,13 @@ Retry. ``may_retry_on_next_server`` decides whether a failed attempt may be
 repeated once on another server (``next_after``), as nginx's
 ``proxy_next_upstream error`` with its non-idempotent rule does.
 
+Reload. A group is rebuilt from its ``GroupSpec`` when the configuration
+changes; ``adopt`` hands it the ``ServerState`` objects of the servers that
+stay, so their health, failure window and in-flight count carry over and
+attempts begun before the reload finish against the same counters.
+
 Memory: per server, the last ``max_fails`` failure times (at most
-``MAX_FAILS_LIMIT`` floats) and five scalars; per group, one cursor; per
+``MAX_FAILS_LIMIT`` floats) and seven scalars; per group, one cursor; per
 exchange, one ``Attempt`` that lives as long as the exchange. Nothing grows
 with the number of requests.
 """
@@ -54,6 +59,7 @@ with the number of requests.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, get_args
@@ -61,8 +67,17 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._http import RETRY_SAFE_METHODS
 from ._routes import check_host_name
+from ._units import parse_duration
+
+# Methods repeated on another server after the upstream connection broke
+# before any response byte: the idempotent ones that also change nothing
+# (RFC 9110 9.2.1, 9.2.2). PUT and DELETE are idempotent but act; whether
+# the first attempt already acted cannot be known, and a repeated DELETE
+# answers 404 where the first would have answered 204. Used for both retries:
+# on a fresh connection to the same server (``_exchange.may_retry``) and on
+# the next server of a group (``_balance``).
+RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 Scheme = Literal["http", "https"]
 Balance = Literal["round_robin", "least_conn"]
@@ -181,6 +196,8 @@ class ServerState:
         probing: True while the one probe attempt is in flight.
         held_down: True while the active health check holds it out.
         epoch: how many times passive health took it out.
+        requests: attempts ever picked (for metrics).
+        failures: failures ever reported (for metrics).
     """
 
     server: UpstreamServer
@@ -190,6 +207,8 @@ class ServerState:
     probing: bool = False
     held_down: bool = False
     epoch: int = 0
+    requests: int = 0
+    failures: int = 0
 
     def available(self, now: float) -> bool:
         """Whether a request may be sent to it at ``now`` (as a probe, if it
@@ -325,6 +344,17 @@ class UpstreamGroup:
         """
         return cls(name, tuple(UpstreamServer.from_url(url) for url in urls), **settings)
 
+    @classmethod
+    def from_spec(cls, spec: GroupSpec) -> UpstreamGroup:
+        """The live group that ``spec`` describes, every server up."""
+        return cls(
+            spec.name,
+            spec.servers,
+            balance=spec.balance,
+            max_fails=spec.max_fails,
+            fail_timeout=spec.fail_timeout,
+        )
+
     def pick(self, now: float) -> Attempt | None:
         """Choose a server for a new exchange and count it in flight.
 
@@ -361,6 +391,8 @@ class UpstreamGroup:
                 self._take_out(state, now)
         elif not ok and attempt.epoch == state.epoch:
             self._count_failure(state, now)
+        if not ok:
+            state.failures += 1
 
     def finished(self, attempt: Attempt) -> None:
         """The exchange is done with the server (after the body, or after a
@@ -371,6 +403,27 @@ class UpstreamGroup:
         attempt.state.in_flight -= 1
         if attempt.probe and not attempt.reported:
             attempt.state.probing = False
+
+    def adopt(self, previous: UpstreamGroup) -> None:
+        """Take over ``previous``'s state of the servers both groups have.
+
+        For a reload: ``previous`` is the same group as configured before.
+        The state objects are shared, not copied, so attempts picked from
+        ``previous`` finish against the counters this group balances on.
+        A failure window is re-cut to this group's ``max_fails``; a server
+        taken out stays out until its time is over.
+        """
+        kept = {state.server: state for state in previous.states}
+        states = []
+        for state in self.states:
+            old = kept.get(state.server)
+            if old is None:
+                states.append(state)
+                continue
+            if old.failure_window.maxlen != self.max_fails:
+                old.failure_window = deque(old.failure_window, maxlen=self.max_fails)
+            states.append(old)
+        self.states = tuple(states)
 
     def mark_down(self, state: ServerState) -> None:
         """Hold the server out until ``mark_up`` (for an active health check)."""
@@ -397,6 +450,7 @@ class UpstreamGroup:
         probe = state.down_until is not None
         state.probing = probe
         state.in_flight += 1
+        state.requests += 1
         return Attempt(state, probe=probe, epoch=state.epoch)
 
     def _rotation(self) -> Iterator[tuple[int, ServerState]]:
@@ -417,6 +471,141 @@ class UpstreamGroup:
         state.down_until = now + self.fail_timeout
         state.failure_window.clear()
         state.epoch += 1
+
+
+# ---- How a group is written: one [upstream.NAME] table of a config file ----
+
+# Active health checks, when a group asks for them (``health_check``). Every
+# 5 s, as nginx Plus's and HAProxy's default interval: a dead server is out
+# within seconds, and a handful of servers costs a request a second. 2 s to
+# answer: a health endpoint answers in milliseconds, so 2 s means a server too
+# loaded (or too broken) to take traffic, and a round ends before the next.
+DEFAULT_HEALTH_INTERVAL = 5.0
+DEFAULT_HEALTH_TIMEOUT = 2.0
+
+
+def _to_servers(value: Iterable[UpstreamServer | str]) -> tuple[UpstreamServer, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError('servers must be a list of URLs, such as ["http://127.0.0.1:9001"]')
+    servers = []
+    for server in value:
+        if isinstance(server, str):
+            server = UpstreamServer.from_url(server)
+        elif not isinstance(server, UpstreamServer):
+            raise ValueError(f"servers: {server!r} is not a URL")
+        servers.append(server)
+    return tuple(servers)
+
+
+def _to_seconds(value: float | str) -> float:
+    """A duration as a config file writes it: a number of seconds or ``"10s"``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'expected a duration such as 10 or "10s", got {value!r}')
+    return parse_duration(value) if isinstance(value, str) else float(value)
+
+
+def _seconds_above_zero(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a number of seconds above 0, got {value!r}")
+
+
+def _health_path(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.startswith("/") or not _PATH.fullmatch(value):
+        raise ValueError(f"health_check must be a path starting with '/', got {value!r}")
+
+
+# A request target's path and query: visible ASCII, no space (RFC 9112 3.2).
+_PATH = re.compile(r"[!-~]+")
+
+
+def _doc(value: str, help: str, example: str) -> dict[str, str]:
+    """A table key's documentation, for docs/config.md: how its value is
+    written, what it does, an example."""
+    return {"value": value, "help": help, "example": example}
+
+
+@attrs.frozen(kw_only=True)
+class GroupSpec:
+    """An upstream group as configured: an ``[upstream.NAME]`` table, or the
+    group ``default`` that ``--upstream URL`` stands for.
+
+    Immutable; ``UpstreamGroup.from_spec`` makes the live group. Each field
+    but ``name`` is a key of the table; its metadata documents it.
+
+    Raises:
+        ValueError: naming the key, for a bad value.
+    """
+
+    name: str = attrs.field(validator=_name)
+    servers: tuple[UpstreamServer, ...] = attrs.field(
+        converter=_to_servers,
+        validator=_servers,
+        metadata=_doc(
+            "array of URLs",
+            "the group's servers, each http://HOST[:PORT] without a path (routes carry paths)",
+            '["http://127.0.0.1:9001", "http://127.0.0.1:9002"]',
+        ),
+    )
+    balance: Balance = attrs.field(
+        default="round_robin",
+        validator=_choice(get_args(Balance)),
+        metadata=_doc(
+            "round_robin or least_conn",
+            "round_robin: each server in turn; least_conn: the server with the fewest "
+            "exchanges in flight",
+            '"least_conn"',
+        ),
+    )
+    max_fails: int = attrs.field(
+        default=DEFAULT_MAX_FAILS,
+        validator=_max_fails,
+        metadata=_doc(
+            "integer",
+            "passive health: this many failures (connect, reset before the response head) "
+            "within fail_timeout take a server out for fail_timeout; 0: never",
+            "3",
+        ),
+    )
+    fail_timeout: float = attrs.field(
+        default=DEFAULT_FAIL_TIMEOUT,
+        converter=_to_seconds,
+        validator=_fail_timeout,
+        metadata=_doc(
+            "duration",
+            "the window for counting failures, and how long a server stays out; "
+            "then one request tries it again",
+            '"10s"',
+        ),
+    )
+    health_check: str | None = attrs.field(
+        default=None,
+        validator=_health_path,
+        metadata=_doc(
+            "string (a path)",
+            "active health: GET this path on every server each health_interval; a server "
+            "that does not answer 2xx or 3xx within health_timeout is out until it does",
+            '"/healthz"',
+        ),
+    )
+    health_interval: float = attrs.field(
+        default=DEFAULT_HEALTH_INTERVAL,
+        converter=_to_seconds,
+        validator=_seconds_above_zero,
+        metadata=_doc("duration", "time between two health checks of a server", '"5s"'),
+    )
+    health_timeout: float = attrs.field(
+        default=DEFAULT_HEALTH_TIMEOUT,
+        converter=_to_seconds,
+        validator=_seconds_above_zero,
+        metadata=_doc("duration", "time a health check may take, connecting included", '"2s"'),
+    )
+
+    @classmethod
+    def table_keys(cls) -> tuple[attrs.Attribute[Any], ...]:
+        """The fields a table may set, in documentation order."""
+        return tuple(field for field in attrs.fields(cls) if field.name != "name")
 
 
 def may_retry_on_next_server(

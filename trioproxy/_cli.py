@@ -1,10 +1,20 @@
-"""Command line: argparse -> ProxyConfig -> trio.run(serve).
+"""Command line: argparse (and a config file) -> ProxyConfig -> trio.run(serve).
 
 The CLI only builds a ProxyConfig (and the LogSettings); all validation lives
 there. Its flags are not written here: each is generated from a settings
 field (``_config.all_settings``), with its help, default and parser. Any bad
 flag or value ends with one line on stderr and exit status 2, never a
 traceback.
+
+``--config FILE`` reads the settings, upstream groups and routes from a TOML
+file (``_configfile``); flags given on the command line win over it.
+``--check-config FILE`` validates and exits (0, or 2 with the error).
+With a config file, SIGHUP reloads it: a file that fails validation is
+logged in one line and changes nothing; a valid one is sent to the server
+(``_reload``), and the log settings are applied again (which also reopens
+the access log file, for log rotation). With ``--workers N`` the supervisor
+validates the file once and passes SIGHUP on to every worker, which reloads
+it in turn.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -27,9 +37,11 @@ from ._config import (
     ProxyConfig,
     Setting,
     all_settings,
+    format_listen,
     from_values,
 )
 from ._config import parse_listen as parse_listen
+from ._configfile import Settings, load_settings
 from ._limits import descriptors_needed, raise_open_file_limit
 from ._listen import listening_line
 from ._memory import prepare_process_memory
@@ -61,9 +73,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     """The ``trioproxy`` command line: one flag per setting (``all_settings``),
-    in one argument group per ``GROUPS`` entry."""
+    in one argument group per ``GROUPS`` entry. Without ``defaults``, a
+    setting not on the command line is left out of the namespace."""
     parser = _Parser(
         prog="trioproxy",
         description=(
@@ -74,24 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"trioproxy {VERSION}")
+    files = parser.add_argument_group("config file", "settings, upstream groups and routes (TOML)")
+    files.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (docs/config.md); flags win over it; "
+        "SIGHUP reloads it",
+    )
+    files.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="validate this TOML file with the other flags, print the result, and exit "
+        "(0: valid, 2: not)",
+    )
     groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
     for spec in all_settings():
-        _add_flag(groups[spec.group], spec)
+        _add_flag(groups[spec.group], spec, defaults=defaults)
     return parser
 
 
-def _add_flag(group: argparse._ArgumentGroup, spec: Setting) -> None:
+def given_settings(argv: Sequence[str]) -> dict[str, Any]:
+    """The settings the command line ``argv`` gives, by key: only the flags
+    written there (a config file must not be overridden by defaults)."""
+    given = vars(build_parser(defaults=False).parse_args(argv))
+    return {spec.key: given[spec.key] for spec in all_settings() if spec.key in given}
+
+
+def _add_flag(group: argparse._ArgumentGroup, spec: Setting, *, defaults: bool = True) -> None:
     """Add ``spec``'s flag, with the field's default. A setting with ``show``
     gets its default as text, which ``--help`` prints as a person writes it
     and argparse passes through ``type``. A repeatable flag or one with an
     environment variable gets None (the field's default then applies), so
-    that ``--help`` shows neither the list it replaces nor a secret."""
+    that ``--help`` shows neither the list it replaces nor a secret. Without
+    ``defaults``: none at all (``argparse.SUPPRESS``)."""
     if spec.action in ("store_false", "store_true"):
-        group.add_argument(spec.flag, dest=spec.key, action=spec.action, help=spec.help)
+        unset: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+        group.add_argument(spec.flag, dest=spec.key, action=spec.action, help=spec.help, **unset)
         return
     default = None if spec.action == "append" or spec.env else spec.default
     if spec.show is not None and default is not None:
         default = spec.show(default)
+    if not defaults:
+        default = argparse.SUPPRESS
     options: dict[str, Any] = {}
     if spec.parse is not None:
         options["type"] = for_argparse(spec.parse)
@@ -117,35 +154,37 @@ def log_settings_from_args(args: argparse.Namespace) -> LogSettings:
     return from_values(LogSettings, vars(args))
 
 
-def configure_logging(args: argparse.Namespace) -> None:
+def configure_logging(settings: LogSettings) -> None:
     """Diagnostics to stderr at ``--log-level``; the access log at info level
     to ``--access-log``, whatever ``--log-level`` says, and not duplicated
-    into the diagnostics.
+    into the diagnostics. Again on a reload: the access log file is opened
+    anew (after a rotation), and nothing changes if it cannot be.
 
     Raises:
-        ValueError: a log setting is not one of its choices.
         OSError: the access log file cannot be opened.
     """
-    settings = log_settings_from_args(args)
 
     def formatter(text_format: str) -> logging.Formatter:
         return JsonFormatter() if settings.log_format == "json" else logging.Formatter(text_format)
 
+    access_handler: logging.Handler | None = None
+    if settings.access_log != "off":
+        access_handler = (
+            logging.StreamHandler(sys.stderr)
+            if settings.access_log == "-"
+            else logging.FileHandler(settings.access_log, encoding="utf-8")
+        )
+        access_handler.setFormatter(formatter(_ACCESS_TEXT_FORMAT))
     diagnostics = logging.StreamHandler(sys.stderr)
     diagnostics.setFormatter(formatter(_TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[diagnostics], force=True)
     access_logger.propagate = False
     for old in list(access_logger.handlers):
         access_logger.removeHandler(old)
-    if settings.access_log == "off":
+        old.close()
+    if access_handler is None:
         access_logger.setLevel(logging.CRITICAL + 1)
         return
-    access_handler: logging.Handler = (
-        logging.StreamHandler(sys.stderr)
-        if settings.access_log == "-"
-        else logging.FileHandler(settings.access_log, encoding="utf-8")
-    )
-    access_handler.setFormatter(formatter(_ACCESS_TEXT_FORMAT))
     access_logger.addHandler(access_handler)
     access_logger.setLevel(logging.INFO)
 
@@ -165,22 +204,35 @@ def _check_open_file_limit(config: ProxyConfig) -> None:
         )
 
 
-async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
+Loader = Callable[[], Settings]
+"""Reads the settings again (the config file under the command line's flags)."""
+
+
+async def _run(
+    config: ProxyConfig, worker: WorkerLink | None = None, reload: Loader | None = None
+) -> None:
     """Serve until a signal: the first drains (``--shutdown-timeout``), a second
     one cuts everything at once. Both end with exit status 0: the stop was
     asked for, and a supervisor should not count it as a crash.
 
     A ``worker`` reports to its supervisor instead of printing the startup
-    line, and drains when the supervisor goes away."""
+    line, and drains when the supervisor goes away. With ``reload``, SIGHUP
+    reloads the settings (see the module notes)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         first_signal = trio.Event()
+        send_reloads, reloads = trio.open_memory_channel[ProxyConfig](1)
         async with trio.open_nursery() as nursery:
+            if reload is not None:  # before the startup line: a SIGHUP then must not kill us
+                await nursery.start(_reload_on_hangup, reload, send_reloads)
 
             async def serve_then_stop(
                 task_status: trio.TaskStatus[list[trio.SocketListener]],
             ) -> None:
                 report = await serve(
-                    config, shutdown_trigger=first_signal.wait, task_status=task_status
+                    config,
+                    shutdown_trigger=first_signal.wait,
+                    reloads=reloads if reload is not None else None,
+                    task_status=task_status,
                 )
                 print(f"trioproxy stopped: {report}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
@@ -193,6 +245,30 @@ async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
                 print(startup_summary(config, VERSION), file=sys.stderr, flush=True)
             else:
                 await nursery.start(worker.report_ready_then_watch, host, port, first_signal.set)
+
+
+async def _reload_on_hangup(
+    load: Loader,
+    reloads: trio.MemorySendChannel[ProxyConfig],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """On each SIGHUP, read the settings again and send the configuration to
+    the server; a file that fails validation is one error line, and the
+    running configuration stays."""
+    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+        task_status.started()
+        async for _ in hangups:
+            logger.info("SIGHUP: reloading the configuration")
+            try:
+                settings = load()
+            except ValueError as exc:
+                logger.error("reload refused, the running configuration stays: %s", exc)
+                continue
+            try:
+                configure_logging(settings.log)
+            except OSError as exc:
+                logger.error("reload: cannot open the access log, logging stays as it was: %s", exc)
+            await reloads.send(settings.config)
 
 
 async def _watch_signals(
@@ -213,35 +289,56 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trioproxy`` console script and ``python -m trioproxy``."""
     if argv is None:  # a real command line, not a test calling main([...])
         prepare_process_memory()  # see _memory: so that freed memory can go back to the OS
+    arguments = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
+    given = given_settings(arguments)
+    path: str | None = args.check_config if args.check_config is not None else args.config
+    worker = WorkerLink.from_environ()
+
+    def load() -> Settings:
+        settings = load_settings(path, given)
+        if worker is None:
+            return settings
+        return attrs.evolve(settings, config=attrs.evolve(settings.config, reuse_port=True))
+
     try:
-        config = config_from_args(args)
+        settings = load()
     except ValueError as exc:
         parser.error(str(exc))
+    if args.check_config is not None:
+        print(f"{path}: valid ({describe(settings.config)})", flush=True)
+        return
     try:
-        configure_logging(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+        configure_logging(settings.log)
     except OSError as exc:
         parser.exit(1, f"trioproxy: error: cannot open the access log: {exc}\n")
-    worker = WorkerLink.from_environ()
+    config = settings.config
     if worker is None:
         _check_open_file_limit(config)  # once: workers inherit the raised limit
-    else:
-        config = attrs.evolve(config, reuse_port=True)
+    reload = load if path is not None else None
     try:
         if config.workers > 1:
-            trio.run(supervise, config, sys.argv[1:] if argv is None else argv)
+            trio.run(supervise, config, arguments, reload and (lambda: load().config))
         else:
-            trio.run(_run, config, worker)
+            trio.run(_run, config, worker, reload)
     except WorkerStartupError as exc:
         parser.exit(1, f"trioproxy: error: {exc}\n")
     except OSError as exc:
         # Typically the address is in use or not ours to bind.
-        parser.exit(
-            1,
-            f"trioproxy: error: cannot listen on {args.listen}: {exc.strerror or exc}\n",
-        )
+        address = format_listen((config.listen_host, config.listen_port))
+        parser.exit(1, f"trioproxy: error: cannot listen on {address}: {exc.strerror or exc}\n")
     except KeyboardInterrupt:
         parser.exit(0)
+
+
+def describe(config: ProxyConfig) -> str:
+    """``reverse mode, 2 routes, 2 upstream groups, 3 servers`` or ``forward mode``."""
+    specs, routes = config.groups_and_routes()
+    if routes is None:
+        return f"{config.mode} mode"
+    servers = sum(len(spec.servers) for spec in specs)
+    return (
+        f"{config.mode} mode, {len(routes.routes)} routes, {len(specs)} upstream groups, "
+        f"{servers} servers"
+    )

@@ -8,8 +8,14 @@ Each setting is written once, as one field: its type, default, validator and
 the reason for its default, plus ``metadata=setting(...)`` with how a person
 writes it (flag, help, metavar, parser, group). The CLI's argparse parser and
 ``config_from_args`` are generated from these fields (``_cli``); a config
-file and its documentation will be too (issue #12): ``all_settings()`` lists
-them. Adding a setting is adding a field.
+file (``_configfile``) and its documentation (``docs/config.md``, made by
+``_configdoc``) are too: ``all_settings()`` lists them. Adding a setting is
+adding a field.
+
+Upstream groups and routes (``upstreams``, ``routes``) are fields with no
+flag: a config file's ``[upstream.NAME]`` tables and ``[[route]]`` array
+write them, and ``--upstream URL`` is their one-line form
+(``groups_and_routes``).
 
 Why metadata on ``attrs.field`` and not a ``setting()`` that returns the
 field: mypy's attrs plugin reads converters only from ``attrs.field`` itself,
@@ -26,12 +32,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
+from ._balance import GroupSpec, UpstreamServer
 from ._framing import HeadLimits
 from ._parent import ParentProxy, parse_no_parent
 from ._policy import (
@@ -43,6 +50,7 @@ from ._policy import (
     parse_networks,
     parse_port_ranges,
 )
+from ._routes import RouteTable
 from ._units import parse_duration, parse_size
 
 KiB = 1024
@@ -60,6 +68,16 @@ DEFAULT_MAX_TARGET_LENGTH = 8 * KiB
 AUTH_ENVIRONMENT_VARIABLE = "TRIOPROXY_AUTH"
 
 # ---- How a setting is written ---------------------------------------------
+
+# How a value is written in a config file, by ``Setting.kind``.
+KINDS = {
+    "text": "string",
+    "size": 'size: bytes, or a string such as "64KiB"',
+    "duration": 'duration: seconds, or a string such as "20s"',
+    "count": "integer",
+    "flag": "boolean",
+    "list": "array of strings",
+}
 
 GROUPS = {
     "listen": "where the proxy listens, and in how many processes",
@@ -102,6 +120,12 @@ class Setting:
             parsed value is a tuple spread over them in order (``--listen``
             sets ``listen_host`` and ``listen_port``).
         default: the value when it is not given (a tuple when spread).
+        value_kind: for ``text`` settings, what the text is: ``size``,
+            ``duration`` or ``count`` (a config file takes those as numbers
+            too); see ``kind``.
+        restart: a reload cannot change it (it is bound to a listening
+            socket, the process count or a structure sized at start): a
+            changed value is reported and the old one kept.
     """
 
     flag: str
@@ -115,6 +139,17 @@ class Setting:
     env: str | None = None
     fields: tuple[str, ...] = ()
     default: Any = None
+    value_kind: Literal["text", "size", "duration", "count"] = "text"
+    restart: bool = False
+
+    @property
+    def kind(self) -> str:
+        """How a config file writes the value, a key of ``KINDS``."""
+        if self.action in ("store_true", "store_false"):
+            return "flag"
+        if self.action == "append":
+            return "list"
+        return self.value_kind
 
     @property
     def key(self) -> str:
@@ -151,11 +186,13 @@ def setting(
     action: Literal["store", "append", "store_false", "store_true"] = "store",
     env: str | None = None,
     sets: tuple[str, ...] = (),
+    kind: Literal["text", "size", "duration", "count"] = "text",
+    restart: bool = False,
 ) -> dict[str, Setting]:
     """Field metadata that makes an attrs field a setting: ``attrs.field(...,
     metadata=setting("--read-size", group="memory", ...))``. See ``Setting``
     for the arguments; ``sets`` is its ``fields`` when that is not just the
-    field itself."""
+    field itself, ``kind`` its ``value_kind``."""
     if group not in GROUPS:
         raise ValueError(f"{flag}: unknown group {group!r}; one of {', '.join(GROUPS)}")
     spec = Setting(
@@ -169,6 +206,8 @@ def setting(
         action=action,
         env=env,
         fields=sets,
+        value_kind=kind,
+        restart=restart,
     )
     return {_METADATA_KEY: spec}
 
@@ -187,8 +226,9 @@ def settings_of(cls: type[attrs.AttrsInstance]) -> tuple[Setting, ...]:
     return tuple(found)
 
 
-def from_values(cls: type[_A], values: Mapping[str, Any]) -> _A:
-    """Build ``cls`` from setting values by key (``Setting.key``).
+def from_values(cls: type[_A], values: Mapping[str, Any], **fields: Any) -> _A:
+    """Build ``cls`` from setting values by key (``Setting.key``), and
+    ``fields`` that no flag sets (``upstreams``, ``routes``).
 
     A value that is missing, None or empty falls back to the setting's
     environment variable, if it has one, and then to the field's default.
@@ -203,7 +243,7 @@ def from_values(cls: type[_A], values: Mapping[str, Any]) -> _A:
             value = os.environ.get(spec.env) or None
         if value is not None:
             kwargs.update(spec.assign(value))
-    return cls(**kwargs)
+    return cls(**kwargs, **fields)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -319,6 +359,39 @@ class Upstream:
         return host if self.port == 80 else f"{host}:{self.port}"
 
 
+# The name of the group ``--upstream URL`` stands for, in logs and metrics.
+DEFAULT_GROUP = "default"
+
+
+def _as_groups(value: Iterable[GroupSpec]) -> tuple[GroupSpec, ...]:
+    return tuple(value)
+
+
+def _group_names(
+    instance: Any, attribute: attrs.Attribute[Any], value: tuple[GroupSpec, ...]
+) -> None:
+    seen: set[str] = set()
+    for spec in value:
+        if not isinstance(spec, GroupSpec):
+            raise ValueError(f"upstreams must be GroupSpec values, got {spec!r}")
+        if spec.name in seen:
+            raise ValueError(f"upstream.{spec.name}: the group is defined twice")
+        seen.add(spec.name)
+
+
+def _tls_servers_not_yet(spec: GroupSpec) -> None:
+    """Refuse https servers until TLS to upstreams is wired (issue #11).
+
+    The one place that refuses them: remove it, and its call, with TLS.
+    """
+    for server in spec.servers:
+        if server.scheme == "https":
+            raise ValueError(
+                f"upstream.{spec.name}.servers: {server}: https servers need TLS support "
+                "(issue #11)"
+            )
+
+
 def _to_parent_proxy(value: ParentProxy | str | None) -> ParentProxy | None:
     if value is None or isinstance(value, ParentProxy):
         return value
@@ -333,17 +406,29 @@ def _to_upstream(value: Upstream | str | None) -> Upstream | None:
 
 def _seconds(flag: str, help: str, *, group: str = "timeouts") -> dict[str, Setting]:
     """A duration setting: seconds, or 500ms, 20s, 2m (``parse_duration``)."""
-    return setting(flag, group=group, parse=parse_duration, metavar="SECONDS", help=help)
+    return setting(
+        flag, group=group, parse=parse_duration, metavar="SECONDS", help=help, kind="duration"
+    )
 
 
-def _bytes(flag: str, help: str, *, group: str) -> dict[str, Setting]:
+def _bytes(flag: str, help: str, *, group: str, restart: bool = False) -> dict[str, Setting]:
     """A size setting: bytes, or 64k, 64KiB, 64kB (``parse_size``)."""
-    return setting(flag, group=group, parse=parse_size, metavar="BYTES", help=help)
+    return setting(
+        flag,
+        group=group,
+        parse=parse_size,
+        metavar="BYTES",
+        help=help,
+        kind="size",
+        restart=restart,
+    )
 
 
-def _count(flag: str, help: str, *, group: str) -> dict[str, Setting]:
+def _count(flag: str, help: str, *, group: str, restart: bool = False) -> dict[str, Setting]:
     """A whole number of things (connections, fields, processes)."""
-    return setting(flag, group=group, parse=int, metavar="N", help=help)
+    return setting(
+        flag, group=group, parse=int, metavar="N", help=help, kind="count", restart=restart
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -370,6 +455,7 @@ class ProxyConfig:
             metavar="HOST:PORT",
             help="address to listen on; port 0 picks a free port",
             sets=("listen_host", "listen_port"),
+            restart=True,
         ),
     )
     # Set by --listen, with listen_host.
@@ -388,6 +474,7 @@ class ProxyConfig:
             "processes sharing the port (SO_REUSEPORT, Linux), supervised by this one; "
             "limits such as --max-connections apply to each",
             group="listen",
+            restart=True,
         ),
     )
     # Open the listening sockets with SO_REUSEPORT, so that other processes
@@ -406,6 +493,7 @@ class ProxyConfig:
             "--max-connections",
             "client connections served at once; more wait in the kernel's backlog",
             group="limits",
+            restart=True,
         ),
     )
     # h11's own default; a request head larger than this gets 431.
@@ -550,6 +638,7 @@ class ProxyConfig:
             "--max-buffer-memory",
             "payload bytes all connections together may buffer; readers wait beyond it",
             group="memory",
+            restart=True,
         ),
     )
     # Move CONNECT/Upgrade tunnels and large Content-Length response bodies
@@ -585,21 +674,37 @@ class ProxyConfig:
             "--upstream",
             group="upstream",
             metavar="URL",
-            help="reverse mode: send every request to this http://host:port (else: forward proxy)",
+            help="reverse mode: send every request to this http://host:port "
+            "(else: forward proxy, unless a config file defines upstream groups)",
         ),
     )
-    # Idle upstream connections kept for reuse; 0 turns pooling off. Only
-    # idle ones count: connections in use are bounded by max_connections.
-    # 32 absorbs the concurrency one worker sustains (a Python worker is
-    # saturated by a few dozen concurrent small exchanges) while holding few
-    # slots on the origin, where an idle keep-alive connection can pin a
-    # worker (Apache prefork, gunicorn sync). It costs up to 32 descriptors.
+    # Idle upstream connections kept for reuse, per server; 0 turns pooling
+    # off. Only idle ones count: connections in use are bounded by
+    # max_connections. 32 absorbs the concurrency one worker sustains (a
+    # Python worker is saturated by a few dozen concurrent small exchanges)
+    # while holding few slots on the origin, where an idle keep-alive
+    # connection can pin a worker (Apache prefork, gunicorn sync). It costs up
+    # to 32 descriptors per server.
     upstream_pool_size: int = attrs.field(
         default=32,
         validator=_in_range(0, 100_000),
         metadata=_count(
             "--upstream-pool-size",
-            "reverse mode: idle upstream connections kept for reuse (0: a new one per request)",
+            "reverse mode: idle upstream connections kept for reuse, per server "
+            "(0: a new one per request)",
+            group="upstream",
+        ),
+    )
+    # Idle upstream connections kept in all, whatever the number of servers:
+    # the pool's descriptors and memory stay bounded when a config lists many
+    # servers. 256 lets eight servers keep full pools of 32; each idle
+    # connection is a descriptor and a few KiB (docs/memory.md).
+    upstream_pool_total: int = attrs.field(
+        default=256,
+        validator=_in_range(0, 1_000_000),
+        metadata=_count(
+            "--upstream-pool-total",
+            "reverse mode: idle upstream connections kept in all, over every server",
             group="upstream",
         ),
     )
@@ -618,6 +723,32 @@ class ProxyConfig:
             group="upstream",
         ),
     )
+
+    # ---- upstream: groups of servers and the routes to them (a config file) ----
+    # Groups that routes send requests to, and the routes, tried in order;
+    # none: forward mode, or the one group and route --upstream stands for.
+    # No flag: a config file's [upstream.NAME] tables and [[route]] array
+    # (``_configfile``) or an embedding application write them.
+    upstreams: tuple[GroupSpec, ...] = attrs.field(
+        default=(), converter=_as_groups, validator=_group_names
+    )
+    routes: RouteTable | None = attrs.field(default=None)
+
+    @routes.validator
+    def _check_routes(self, attribute: attrs.Attribute[Any], value: RouteTable | None) -> None:
+        if self.upstream is not None and (value is not None or self.upstreams):
+            raise ValueError(
+                "upstream: give either one upstream URL or upstream groups with routes, not both"
+            )
+        if value is None:
+            if self.upstreams:
+                raise ValueError("route: upstream groups need at least one route to reach them")
+            return
+        if not value.routes:
+            raise ValueError("route: at least one route is needed")
+        value.check_upstreams([spec.name for spec in self.upstreams])
+        for spec in self.upstreams:
+            _tls_servers_not_yet(spec)
 
     # ---- access: who may use the proxy, where CONNECT may go ----
     # Client networks that may use the proxy; others get 403.
@@ -674,6 +805,7 @@ class ProxyConfig:
             show=format_listen,
             metavar="HOST:PORT",
             help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+            restart=True,
         ),
     )
 
@@ -707,7 +839,7 @@ class ProxyConfig:
 
     @parent_proxy.validator
     def _check_parent_proxy(self, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and self.upstream is not None:
+        if value is not None and self.mode == "reverse":
             raise ValueError("parent_proxy is for forward mode; reverse mode has an upstream")
 
     # ---- access: HAProxy's PROXY protocol in and out (see _origin) ----
@@ -765,8 +897,25 @@ class ProxyConfig:
 
     @property
     def mode(self) -> str:
-        """``"reverse"`` with a fixed upstream, else ``"forward"``."""
-        return "forward" if self.upstream is None else "reverse"
+        """``"reverse"`` with an upstream or routes, else ``"forward"``."""
+        return "forward" if self.upstream is None and self.routes is None else "reverse"
+
+    @property
+    def pool_caps(self) -> tuple[int, int]:
+        """Idle upstream connections kept ``(in all, per server)``: none in
+        forward mode without a parent proxy, where requests go anywhere."""
+        if self.mode == "forward" and self.parent_proxy is None:
+            return 0, 0
+        return self.upstream_pool_total, self.upstream_pool_size
+
+    def groups_and_routes(self) -> tuple[tuple[GroupSpec, ...], RouteTable | None]:
+        """The groups and routes requests follow: the configured ones, or for
+        ``upstream`` (``--upstream URL``) one group ``default`` of that one
+        server and one default route to it. None in forward mode."""
+        if self.upstream is None:
+            return self.upstreams, self.routes
+        server = UpstreamServer("http", self.upstream.host, self.upstream.port)
+        return (GroupSpec(name=DEFAULT_GROUP, servers=(server,)),), RouteTable.single(DEFAULT_GROUP)
 
     @property
     def max_buffered_per_direction(self) -> int:
@@ -830,3 +979,31 @@ def all_settings() -> tuple[Setting, ...]:
     found = [spec for cls in SETTINGS_CLASSES for spec in settings_of(cls)]
     order = list(GROUPS)
     return tuple(sorted(found, key=lambda spec: order.index(spec.group)))
+
+
+def keep_restart_settings(old: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig, list[str]]:
+    """``new`` for a reload: every setting a reload cannot change
+    (``Setting.restart``), and the mode, set back to its value in ``old``.
+
+    Returns:
+        The configuration to apply, and one line per setting kept, saying
+        so ("needs a restart").
+    """
+    kept: dict[str, Any] = {}
+    notes: list[str] = []
+    for spec in settings_of(ProxyConfig):
+        before = tuple(getattr(old, name) for name in spec.fields)
+        if not spec.restart or before == tuple(getattr(new, name) for name in spec.fields):
+            continue
+        kept.update(zip(spec.fields, before, strict=True))
+        shown = (spec.show or str)(before if len(before) > 1 else before[0])
+        notes.append(f"{spec.key}: changing it needs a restart; keeping {shown}")
+    if old.mode != new.mode:
+        # The pool and the checks made per connection are set up for a mode.
+        for name in ("upstream", "upstreams", "routes", "parent_proxy", "no_parent_for"):
+            kept[name] = getattr(old, name)
+        notes.append(
+            f"switching between forward and reverse mode needs a restart; "
+            f"keeping {old.mode} mode and its upstreams"
+        )
+    return attrs.evolve(new, **kept), notes

@@ -31,6 +31,7 @@ from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint
 from ._errors import STREAM_ERRORS, ClientGone, ProxyError
 from ._exchange import Exchange, ExchangeContext
+from ._front import LiveFront
 from ._http import error_response
 from ._metrics import ProxyMeters
 from ._origin import own_addresses, read_client_origin, upstream_preface
@@ -60,6 +61,7 @@ async def handle_connection(
     client_address: str | None = None,
     listen_addresses: Collection[tuple[str, int]] = (),
     pool: UpstreamPool | None = None,
+    fronts: LiveFront | None = None,
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -89,6 +91,10 @@ async def handle_connection(
         pool: idle upstream connections to reuse, shared across client
             connections (see ``open_upstream_pool``); without one, each
             exchange opens its own upstream connection and closes it.
+        fronts: the routes and upstream groups in force, shared across
+            client connections so that balancing and health see every
+            exchange; a reload replaces its front. Without one, this
+            connection gets a front of its own, built from ``config``.
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
@@ -111,6 +117,7 @@ async def handle_connection(
             upstreams=UpstreamConnector(
                 config, open_upstream, pool if pool is not None else UpstreamPool(max_idle=0)
             ),
+            fronts=fronts if fronts is not None else LiveFront.of(config),
             client_host=client_host,
             client_allowed=client_host is None or client_allowed(client_host, config.allow),
             own_addresses=own_addresses(stream, config, listen_addresses),

@@ -77,6 +77,13 @@ class ProxyAuthenticationRequired(ProxyError):
     response_fields = ((b"Proxy-Authenticate", b'Basic realm="trioproxy"'),)
 
 
+class NotFound(ProxyError):
+    """No route of a reverse proxy matches the request's host and path."""
+
+    status_code = 404
+    reason = b"Not Found"
+
+
 class RequestTimeout(ProxyError):
     """The client did not send its request head in time."""
 

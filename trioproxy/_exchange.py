@@ -9,12 +9,16 @@ sockets, else the bounded pump) and whether what is left may be used again
 and are plain functions, tested without streams (hypercorn's ``protocol/``
 split); the ``Exchange`` carries them out.
 
-The path of a request (forward mode, or reverse mode's fixed upstream):
+The path of a request:
 
 1. Policy (``_policy``): client address (403), credentials (407), loops (508).
-2. The target (``_http``), and an upstream connection from the connector
-   (``_upstream``): a pooled one, or a new one (504 past ``connect_timeout``,
-   502 when refused or unresolvable).
+2. The target (``_http``). Forward mode reads it from the request. Reverse
+   mode asks the front (``_front``, taken once when the exchange starts) for
+   the group of the first matching route (404 when none matches) and the
+   group for a server (``_balance``: 502 at once when every server is out).
+   Then an upstream connection from the connector (``_upstream``): a pooled
+   one, or a new one (504 past ``connect_timeout``, 502 when refused or
+   unresolvable).
 3. The request head goes up; a request without a body goes whole, in one
    write. A request body is pumped (or spliced) up in a task of the exchange's
    nursery while the response comes down: an upstream may answer early.
@@ -25,6 +29,18 @@ The path of a request (forward mode, or reverse mode's fixed upstream):
    chosen path, under the stall watchdog (``_watchdog``).
 5. CONNECT (forward mode only) and an upstream's 101 to an Upgrade request end
    the HTTP part: the exchange becomes a tunnel (``_switching``).
+
+Passive health and the retry on the next server (reverse mode). A server's
+attempt is judged once: a response head is a success; a connect failure
+(refused, unresolvable, ``connect_timeout``) or a 502-class failure before
+any response byte (reset, close, nonsense) is a failure; a response head
+that does not come within ``upstream_timeout`` gives no verdict (the server
+is slow, not gone), nor does a client that leaves. A stale pooled connection
+is retried on a new connection to the same server first (``may_retry``) and
+is not the server's failure. Then, when ``may_retry_on_next_server`` allows
+it (a connect failure, for any method: the body is read only after the
+connection is up; or a safe method without a body and no response byte),
+the request goes once to the next server of the group.
 
 Errors are raised as ``ProxyError`` (the connection answers them, or aborts a
 response that has begun) or ``ClientGone``; the upstream connection of an
@@ -42,20 +58,30 @@ import h11
 import trio
 
 from ._accesslog import AccessRecord
+from ._balance import RETRY_SAFE_METHODS, Attempt, UpstreamGroup, may_retry_on_next_server
 from ._body import pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
-from ._errors import BadGateway, GatewayTimeout, MethodNotAllowed, collapse_single_error
+from ._errors import (
+    BadGateway,
+    GatewayTimeout,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    collapse_single_error,
+)
+from ._front import LiveFront
 from ._http import (
-    RETRY_SAFE_METHODS,
     Target,
     client_response_headers,
     connect_target,
     forward_target,
+    request_authority,
     request_content_length,
     request_has_body,
     response_content_length,
-    reverse_target,
+    reverse_path,
+    server_target,
     upgrade_fields,
     upstream_request_headers,
 )
@@ -148,6 +174,24 @@ def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool)
     )
 
 
+def may_try_next_server(
+    method: bytes, error: ProxyError, attempt: ServerAttempt, *, has_body: bool
+) -> bool:
+    """Whether a request whose ``attempt`` ended in ``error`` goes once more,
+    to the next server: ``may_retry_on_next_server``, for connect failures
+    and for 502s (a response head that did not come in time is not retried:
+    the client would wait for a second ``upstream_timeout``)."""
+    if isinstance(error, GatewayTimeout) and not attempt.connect_failed:
+        return False
+    return may_retry_on_next_server(
+        method,
+        has_body=has_body,
+        sent_any_byte=True,  # unknown: a write that failed may have sent part
+        received_any_byte=attempt.received,
+        connect_failed=attempt.connect_failed,
+    )
+
+
 def client_head(response: h11.Response, *, close: bool = False) -> h11.Response:
     """The upstream's response head as it goes to the client, with
     ``Connection: close`` if ``close`` (h11 then ends the connection after it)."""
@@ -160,6 +204,29 @@ def client_head(response: h11.Response, *, close: bool = False) -> h11.Response:
 # --- The exchange ------------------------------------------------------------
 
 
+@attrs.define(eq=False)
+class ServerAttempt:
+    """One try on a server of a group, and what the exchange saw of it.
+
+    Attributes:
+        group: the group the server was picked from (an exchange keeps it
+            through a reload).
+        attempt: the group's record of the try.
+        connect_failed: connecting to the server failed (TCP or timeout).
+        received: a byte of the response came from the server.
+    """
+
+    group: UpstreamGroup
+    attempt: Attempt
+    connect_failed: bool = False
+    received: bool = False
+
+    def judge(self, *, ok: bool) -> None:
+        """Give the group its verdict on the server, once."""
+        if not self.attempt.reported:
+            self.group.report(self.attempt, ok=ok, now=trio.current_time())
+
+
 @attrs.frozen(eq=False)
 class ExchangeContext:
     """What every exchange of one client connection shares.
@@ -168,6 +235,8 @@ class ExchangeContext:
         config: sizes, timeouts and mode.
         meters: counters and the memory budget, shared across connections.
         upstreams: where upstream connections come from and go back to.
+        fronts: the routes and groups in force; each exchange takes the
+            current front when it starts.
         client_host: the client's IP address, or None for non-IP streams.
         client_allowed: the allow list's verdict on ``client_host``, computed
             once per connection, not parsed again for every request.
@@ -179,6 +248,7 @@ class ExchangeContext:
     config: ProxyConfig
     meters: ProxyMeters
     upstreams: UpstreamConnector
+    fronts: LiveFront
     client_host: str | None
     client_allowed: bool
     own_addresses: Collection[tuple[str, int]]
@@ -215,6 +285,9 @@ class Exchange:
         self.config = context.config
         self.meters = context.meters
         self.record = record
+        self.front = context.fronts.current
+        # Reverse mode: the server this exchange is trying now.
+        self._attempt: ServerAttempt | None = None
         self._tunneled = False
         self._parent: ParentProxy | None = None
         # Between the end of the request body and the response head, the
@@ -254,7 +327,7 @@ class Exchange:
 
     async def _tunnel_to_target(self) -> None:
         """Open a tunnel to the CONNECT target, or raise the error to answer."""
-        if self.config.upstream is not None:
+        if self.front.reverse:
             raise MethodNotAllowed("CONNECT is not available on a reverse proxy")
         fields = self.request.headers.raw_items()
         self._authorize(fields)
@@ -300,52 +373,134 @@ class Exchange:
     # --- HTTP ---
 
     async def _forward(self) -> None:
-        """Forward the request on a pooled or new upstream connection; retry
-        once on a new one when ``may_retry`` allows; give the connection back."""
+        """Forward the request: to its target (forward mode) or to a server of
+        its route's group (reverse mode)."""
         request = self.request
         fields = request.headers.raw_items()
         self._authorize(fields)
-        target = self._target()
+        has_body = request_has_body(request)
+        if self.front.reverse:
+            await self._forward_to_group(fields, has_body)
+            return
+        target = forward_target(request.target)
         self._check_target(target, fields)
         self._parent = self._parent_for(target)
         upstream_request = self._upstream_request(target, fields)
-        has_body = request_has_body(request)
         if not has_body:
             self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
         host, port = (target.host, target.port) if self._parent is None else self._parent.address
+        await self._exchange_on(host, port, upstream_request, has_body)
+
+    async def _forward_to_group(self, fields: list[tuple[bytes, bytes]], has_body: bool) -> None:
+        """Route the request to a group and send it to one of its servers;
+        once more to the next server when ``may_try_next_server`` allows."""
+        request = self.request
+        path = reverse_path(request.target)
+        group = self.front.group_for(request_authority(request.target, fields), path)
+        if group is None:
+            raise NotFound("no route matches this host and path")
+        if not has_body:
+            self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
+        attempt = group.pick(trio.current_time())
+        if attempt is None:
+            raise BadGateway(f"every server of upstream {group.name!r} is down")
+        try:
+            await self._forward_to_server(group, attempt, path, fields, has_body)
+        except (BadGateway, GatewayTimeout) as error:
+            tried = self._attempt
+            assert tried is not None
+            if not may_try_next_server(request.method, error, tried, has_body=has_body):
+                raise
+            retry = group.next_after(attempt, trio.current_time())
+            if retry is None:
+                raise
+            logger.info(
+                "upstream %s: %s failed (%s); trying %s",
+                group.name,
+                attempt.server,
+                error.message,
+                retry.server,
+            )
+            await self._forward_to_server(group, retry, path, fields, has_body)
+
+    async def _forward_to_server(
+        self,
+        group: UpstreamGroup,
+        attempt: Attempt,
+        path: bytes,
+        fields: list[tuple[bytes, bytes]],
+        has_body: bool,
+    ) -> None:
+        """Send the request to ``attempt``'s server and relay its response;
+        tell the group how the server did, and that the attempt is over."""
+        tried = self._attempt = ServerAttempt(group, attempt)
+        server = attempt.server
+        try:
+            target = server_target(path, server)
+            self._check_target(target, fields)
+            self.record.group = group.name
+            upstream_request = self._upstream_request(target, fields)
+            await self._exchange_on(server.host, server.port, upstream_request, has_body)
+        except (BadGateway, GatewayTimeout) as error:
+            if not tried.received and (tried.connect_failed or isinstance(error, BadGateway)):
+                tried.judge(ok=False)
+            raise
+        finally:
+            group.finished(attempt)
+
+    async def _exchange_on(
+        self, host: str, port: int, upstream_request: h11.Request, has_body: bool
+    ) -> None:
+        """Forward the request on a pooled or new connection to ``host:port``;
+        retry once on a new one when ``may_retry`` allows; give the
+        connection back (to the pool only while the front has the server)."""
         upstreams = self.context.upstreams
-        preface = self.context.upstream_preface
-        owner = self.context if preface else None  # such a connection is this client's alone
-        upstream = await upstreams.checkout(host, port, preface=preface, owner=owner)
+        upstream = await self._connect(host, port, pooled=True)
         self.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
         try:
             try:
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
             except BadGateway as error:
-                if not may_retry(upstream, request, has_body=has_body):
+                if not may_retry(upstream, self.request, has_body=has_body):
                     raise
                 logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
                 await upstreams.discard(upstream)
-                upstream = await upstreams.connect(host, port, preface=preface, owner=owner)
+                upstream = await self._connect(host, port, pooled=False)
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
         except BaseException:
+            answered = upstream.endpoint.bytes_received > upstream.bytes_before
+            if self._attempt is not None and answered:
+                self._attempt.received = True
             await upstreams.discard(upstream)
             raise
         finally:
             self.meters.upstream_connections -= 1
-        await upstreams.release(upstream, reusable=may_pool(upstream.endpoint.state()))
+        reusable = may_pool(upstream.endpoint.state())
+        if self._attempt is not None:  # a server no longer configured: let its connection go
+            reusable = reusable and self.context.fronts.current.serves(host, port)
+        await upstreams.release(upstream, reusable=reusable)
 
-    def _target(self) -> Target:
-        if self.config.upstream is None:
-            return forward_target(self.request.target)
-        return reverse_target(self.request.target, self.config.upstream)
+    async def _connect(self, host: str, port: int, *, pooled: bool) -> PooledUpstream:
+        """A pooled connection to ``host:port`` (if ``pooled`` and there is
+        one) or a new one; a failure is a connect failure of the attempt."""
+        upstreams = self.context.upstreams
+        preface = self.context.upstream_preface
+        owner = self.context if preface else None  # such a connection is this client's alone
+        try:
+            if pooled:
+                return await upstreams.checkout(host, port, preface=preface, owner=owner)
+            return await upstreams.connect(host, port, preface=preface, owner=owner)
+        except ProxyError:
+            if self._attempt is not None:
+                self._attempt.connect_failed = True
+            raise
 
     def _upstream_request(self, target: Target, fields: list[tuple[bytes, bytes]]) -> h11.Request:
         headers = upstream_request_headers(
             fields,
             target=target,
             client_host=self.context.client_host,
-            reverse=self.config.upstream is not None,
+            reverse=self.front.reverse,
         )
         headers += upgrade_fields(fields)
         if self._parent is None:
@@ -450,6 +605,9 @@ class Exchange:
         pending = PendingBody()
         with clock:
             response = await self._response_head(upstream)
+            if self._attempt is not None:  # the server answered: a success
+                self._attempt.received = True
+                self._attempt.judge(ok=True)
             if self._parent is not None:
                 refusal = parent_refusal(response.status_code, tunnel=False)
                 if refusal is not None:

@@ -5,8 +5,8 @@ is tested with plain synchronous tests. h11 parses and frames the messages;
 this module decides what a proxy changes between the hops:
 
 * the target: forward mode takes it from the absolute-form request target
-  (``GET http://host:port/path HTTP/1.1``), reverse mode from the configured
-  upstream; the path and query pass byte for byte, never decoded;
+  (``GET http://host:port/path HTTP/1.1``), reverse mode from the server the
+  exchange picked; the path and query pass byte for byte, never decoded;
 * hop-by-hop fields (RFC 9110 section 7.6.1) are dropped in both directions,
   and framing fields are left to h11, which frames each hop itself: a
   Content-Length passes on as the declared length (h11 checks that the body
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 import h11
 
-from ._config import Upstream
+from ._balance import UpstreamServer
 from ._errors import BadRequest, ProxyError
 
 Headers = list[tuple[bytes, bytes]]
@@ -44,15 +44,6 @@ HOP_BY_HOP = frozenset(
 )
 
 VIA_VALUE = b"1.1 trioproxy"
-
-# Methods repeated on another server after the upstream connection broke
-# before any response byte: the idempotent ones that also change nothing
-# (RFC 9110 9.2.1, 9.2.2). PUT and DELETE are idempotent but act; whether
-# the first attempt already acted cannot be known, and a repeated DELETE
-# answers 404 where the first would have answered 204. Used for both retries:
-# on a fresh connection to the same server (``_exchange.may_retry``) and on
-# the next server of a group (``_balance``).
-RETRY_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 # A DNS label is at most 63 octets and a name at most 253 (RFC 1035 2.3.4).
 _MAX_HOST_LENGTH = 253
@@ -104,8 +95,8 @@ def forward_target(request_target: bytes) -> Target:
     return Target(host=host, port=port, path=path, authority=authority)
 
 
-def reverse_target(request_target: bytes, upstream: Upstream) -> Target:
-    """Map a request to the fixed upstream, keeping path and query byte for byte.
+def reverse_path(request_target: bytes) -> bytes:
+    """The path and query a reverse proxy passes on, byte for byte.
 
     An absolute-form target is accepted too (RFC 9112 3.2.2 asks servers to);
     only its path and query are used.
@@ -115,16 +106,44 @@ def reverse_target(request_target: bytes, upstream: Upstream) -> Target:
             absolute-form.
     """
     if request_target.startswith(b"/") or request_target == b"*":
-        path = request_target
-    elif b"://" in request_target:
-        path = forward_target(request_target).path
-    else:
-        raise BadRequest("the request target must start with /")
+        return request_target
+    if b"://" in request_target:
+        return forward_target(request_target).path
+    raise BadRequest("the request target must start with /")
+
+
+def request_authority(
+    request_target: bytes, headers: Iterable[tuple[bytes, bytes]]
+) -> bytes | None:
+    """The host a request names, for routing: the authority of an
+    absolute-form target (RFC 9112 3.2.2: it wins over Host), else the Host
+    field, else None."""
+    scheme, sep, rest = request_target.partition(b"://")
+    if sep and b"/" not in scheme:
+        return rest.split(b"/", 1)[0].split(b"?", 1)[0].split(b"#", 1)[0]
+    for name, value in headers:
+        if name.lower() == b"host":
+            return value
+    return None
+
+
+def reverse_target(request_target: bytes, server: UpstreamServer) -> Target:
+    """Where a reverse-proxied request goes on ``server``: ``reverse_path``
+    of its target, and Host the server's authority.
+
+    Raises:
+        BadRequest: as ``reverse_path``.
+    """
+    return server_target(reverse_path(request_target), server)
+
+
+def server_target(path: bytes, server: UpstreamServer) -> Target:
+    """Where a reverse-proxied request for ``path`` goes on ``server``."""
     return Target(
-        host=upstream.host,
-        port=upstream.port,
+        host=server.host,
+        port=server.port,
         path=path,
-        authority=upstream.authority.encode("ascii"),
+        authority=server.authority.encode("ascii"),
     )
 
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 import h11
 import trio
 
+from ._balance import UpstreamGroup
 from ._budget import BudgetStatistics, MemoryBudget
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint
@@ -51,6 +52,11 @@ CONNECTION_OVERHEAD_BYTES = 12 * 1024
 # 92-116 KiB per client with 200 clients streaming (heap high-water
 # included); rounded up.
 EXCHANGE_OVERHEAD_BYTES = 128 * 1024
+# What an idle pooled upstream connection costs: its socket object and an
+# h11 state with empty buffers, no task. Measured 2.0 KiB each on the Python
+# heap (tracemalloc, 256 idle connections); doubled for the allocator's
+# share. At most --upstream-pool-total of them (256: 1 MiB).
+POOLED_CONNECTION_OVERHEAD_BYTES = 4 * 1024
 # A scrape is one small request; a client that sends nothing for this long is
 # dropped, so a stuck scraper cannot pin a task and a socket for ever.
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -78,6 +84,10 @@ class ProxyMeters:
         tunnels_open: CONNECT and Upgrade tunnels running now.
         tunnel_bytes_up: bytes ended tunnels carried client -> upstream.
         tunnel_bytes_down: bytes ended tunnels carried upstream -> client.
+        groups: the upstream groups in force now (reverse mode), for the
+            per-server lines; the server sets it.
+        pooled_upstreams: how many idle upstream connections the pool
+            holds now; the server sets it.
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -92,6 +102,8 @@ class ProxyMeters:
     tunnels_open: int = 0
     tunnel_bytes_up: int = 0
     tunnel_bytes_down: int = 0
+    groups: Callable[[], Iterable[UpstreamGroup]] = attrs.field(default=lambda: ())
+    pooled_upstreams: Callable[[], int] = attrs.field(default=lambda: 0)
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -220,6 +232,7 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         {"": meters.upstream_errors},
     )
     yield from _tunnel_lines(meters)
+    yield from _server_lines(meters.groups())
     yield from _metric(
         "trioproxy_sink_wait_seconds_total",
         "counter",
@@ -246,6 +259,49 @@ def _tunnel_lines(meters: ProxyMeters) -> Iterator[str]:
             '{direction="up"}': meters.tunnel_bytes_up,
             '{direction="down"}': meters.tunnel_bytes_down,
         },
+    )
+
+
+def _label(value: str) -> str:
+    """A label value as the text format writes it (backslash, quote, newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _server_lines(groups: Iterable[UpstreamGroup]) -> Iterator[str]:
+    """Per server of each group: up or out, exchanges in flight, attempts, failures."""
+    samples: dict[str, dict[str, float]] = {"up": {}, "in_flight": {}, "requests": {}, "fails": {}}
+    for group in groups:
+        for state in group.states:
+            labels = f'{{group="{_label(group.name)}",server="{_label(state.server.url)}"}}'
+            samples["up"][labels] = 1 if state.health() == "up" else 0
+            samples["in_flight"][labels] = state.in_flight
+            samples["requests"][labels] = state.requests
+            samples["fails"][labels] = state.failures
+    if not samples["up"]:
+        return
+    yield from _metric(
+        "trioproxy_upstream_server_up",
+        "gauge",
+        "1 while a server takes requests; 0 while health (passive or active) holds it out.",
+        samples["up"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_in_flight",
+        "gauge",
+        "Exchanges on a server now.",
+        samples["in_flight"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_requests_total",
+        "counter",
+        "Attempts sent to a server (a retry counts on each server it tried).",
+        samples["requests"],
+    )
+    yield from _metric(
+        "trioproxy_upstream_server_failures_total",
+        "counter",
+        "Failures of a server: connect failures, resets before the response head.",
+        samples["fails"],
     )
 
 
@@ -280,9 +336,11 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     """RSS, buffered bytes and the ceiling formula, as a JSON-ready dict."""
     buffered = meters.request_bodies.held + meters.response_bodies.held
     budget = _budget_statistics(meters)
+    pooled = meters.pooled_upstreams()
     overhead = (
         CONNECTION_OVERHEAD_BYTES * meters.client_connections
         + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+        + POOLED_CONNECTION_OVERHEAD_BYTES * pooled
     )
     capacity = budget.capacity if budget is not None else None
     return {
@@ -300,10 +358,13 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "upstream": meters.upstream_connections,
         },
         "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
+        "pooled_upstream_connections": pooled,
         "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "per_pooled_connection_overhead_bytes": POOLED_CONNECTION_OVERHEAD_BYTES,
         "ceiling_formula": (
             "baseline_rss + budget + per_connection_overhead x client_connections"
             " + per_exchange_overhead x upstream_connections"
+            " + per_pooled_connection_overhead x pooled_upstream_connections"
         ),
         "ceiling_bytes": None if capacity is None else baseline_rss + capacity + overhead,
         "unexplained_bytes": rss - baseline_rss - buffered - overhead,

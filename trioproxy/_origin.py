@@ -101,7 +101,7 @@ def upstream_preface(config: ProxyConfig, origin: ClientOrigin) -> bytes:
     LOCAL: the upstream then keeps its own peer's address.
     """
     version = config.upstream_send_proxy
-    if version is None or config.upstream is None:
+    if version is None or config.mode != "reverse":
         return b""
     from ._proxy_protocol import encode_v1, encode_v1_unknown, encode_v2, encode_v2_local
 

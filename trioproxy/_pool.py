@@ -22,6 +22,13 @@ safe (a reused connection, an idempotent method without a body, see
 ``_exchange.may_retry``), as nginx's ``proxy_next_upstream error`` does. The idle
 timeout, shorter than the origins' keep-alive timeouts, keeps that race rare.
 
+Bounds: at most ``max_idle_per_server`` idle connections to one server
+(host and port) and ``max_idle`` in all; a returned connection past either
+cap closes the oldest idle one it competes with. A reload that removes a
+server closes its idle connections (``close_idle_except``); its connections
+in use are closed when their exchanges end (the exchange does not offer them
+back).
+
 Idle connections are closed after ``idle_timeout`` seconds by a reaper task
 (``open_upstream_pool``), so nothing is held against the origin during a
 lull; checkout takes the most recently returned connection (the least likely
@@ -34,7 +41,7 @@ from __future__ import annotations
 import logging
 import select
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from contextlib import asynccontextmanager
 
 import attrs
@@ -99,18 +106,26 @@ class UpstreamPool:
     Memory: at most ``max_idle`` idle connections, each one socket and one
     ``h11.Connection`` whose receive buffer is empty (``_exchange.may_pool``
     requires it), so a few KiB of Python objects and one file descriptor
-    each, plus the kernel's socket buffers.
+    each, plus the kernel's socket buffers; and one count per server that
+    has idle connections.
 
     Args:
-        max_idle: the most idle connections kept; when a returned connection
-            would exceed it, the oldest idle one is closed.
+        max_idle: the most idle connections kept in all; when a returned
+            connection would exceed it, the oldest idle one is closed.
         idle_timeout: seconds an idle connection is kept (by the reaper).
+        max_idle_per_server: the most idle connections kept to one host and
+            port (the oldest of them is closed first); by default
+            ``max_idle``.
     """
 
-    def __init__(self, *, max_idle: int, idle_timeout: float = 4.0) -> None:
+    def __init__(
+        self, *, max_idle: int, idle_timeout: float = 4.0, max_idle_per_server: int | None = None
+    ) -> None:
         self.max_idle = max_idle
+        self.max_idle_per_server = max_idle if max_idle_per_server is None else max_idle_per_server
         self.idle_timeout = idle_timeout
         self._idle: deque[PooledUpstream] = deque()
+        self._per_server: dict[tuple[str, int], int] = {}
         self._returned = trio.Event()
         self._closed = False
 
@@ -136,15 +151,38 @@ class UpstreamPool:
             return candidate
         return None
 
+    def idle_to(self, host: str, port: int) -> int:
+        """How many idle connections to ``host:port`` the pool holds now."""
+        return self._per_server.get((host, port), 0)
+
     def _take_newest(self, host: str, port: int, owner: object) -> PooledUpstream | None:
         """Remove and return the most recently returned idle connection to
         ``host:port`` of ``owner``."""
         for index in range(len(self._idle) - 1, -1, -1):
             candidate = self._idle[index]
             if candidate.host == host and candidate.port == port and candidate.owner is owner:
-                del self._idle[index]
-                return candidate
+                return self._remove(index)
         return None
+
+    def _remove(self, index: int) -> PooledUpstream:
+        """Remove and return the idle connection at ``index`` (0: the oldest)."""
+        upstream = self._idle[index]
+        del self._idle[index]
+        key = (upstream.host, upstream.port)
+        left = self._per_server[key] - 1
+        if left:
+            self._per_server[key] = left
+        else:
+            del self._per_server[key]
+        return upstream
+
+    def _oldest_to(self, host: str, port: int) -> int:
+        """The index of the oldest idle connection to ``host:port`` (one exists)."""
+        return next(
+            index
+            for index, upstream in enumerate(self._idle)
+            if upstream.host == host and upstream.port == port
+        )
 
     async def release(self, upstream: PooledUpstream, *, reusable: bool) -> None:
         """Keep ``upstream`` for the next request if ``reusable``, else close it.
@@ -157,10 +195,29 @@ class UpstreamPool:
             return
         upstream.endpoint.reuse()
         upstream.idle_since = trio.current_time()
+        key = (upstream.host, upstream.port)
         self._idle.append(upstream)
-        if len(self._idle) > self.max_idle:
-            await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+        self._per_server[key] = self._per_server.get(key, 0) + 1
+        if self._per_server[key] > self.max_idle_per_server:
+            await trio.aclose_forcefully(self._remove(self._oldest_to(*key)).endpoint.stream)
+        elif len(self._idle) > self.max_idle:
+            await trio.aclose_forcefully(self._remove(0).endpoint.stream)
         self._returned.set()
+
+    async def close_idle_except(self, servers: Container[tuple[str, int]]) -> int:
+        """Close the idle connections to every ``(host, port)`` not in
+        ``servers`` (after a reload removed them); returns how many."""
+        closed = 0
+        index = 0
+        while index < len(self._idle):
+            upstream = self._idle[index]
+            if (upstream.host, upstream.port) in servers:
+                index += 1
+                continue
+            await trio.aclose_forcefully(self._remove(index).endpoint.stream)
+            closed += 1
+            index = 0  # the deque may have changed meanwhile: search again
+        return closed
 
     async def close_expired_forever(self) -> None:
         """Close each idle connection ``idle_timeout`` seconds after its return.
@@ -177,7 +234,7 @@ class UpstreamPool:
             if trio.current_time() < expires:
                 await trio.sleep_until(expires)
                 continue
-            await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+            await trio.aclose_forcefully(self._remove(0).endpoint.stream)
 
     async def aclose(self) -> None:
         """Close every idle connection; from now on released ones are closed too.
@@ -189,18 +246,23 @@ class UpstreamPool:
         self._closed = True
         with trio.move_on_after(CLOSE_ALL_SECONDS, shield=True):
             while self._idle:
-                await trio.aclose_forcefully(self._idle.popleft().endpoint.stream)
+                await trio.aclose_forcefully(self._remove(0).endpoint.stream)
 
 
 @asynccontextmanager
-async def open_upstream_pool(*, max_idle: int, idle_timeout: float) -> AsyncIterator[UpstreamPool]:
-    """A pool whose idle connections close after ``idle_timeout`` seconds.
+async def open_upstream_pool(
+    *, max_idle: int, idle_timeout: float, max_idle_per_server: int | None = None
+) -> AsyncIterator[UpstreamPool]:
+    """A pool whose idle connections close after ``idle_timeout`` seconds
+    (``UpstreamPool`` has the arguments).
 
     Resource handling: the reaper runs in a nursery of its own while the
     block runs; on exit, however it exits (cancellation included), every
     idle connection is closed.
     """
-    pool = UpstreamPool(max_idle=max_idle, idle_timeout=idle_timeout)
+    pool = UpstreamPool(
+        max_idle=max_idle, idle_timeout=idle_timeout, max_idle_per_server=max_idle_per_server
+    )
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.close_expired_forever)

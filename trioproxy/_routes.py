@@ -206,9 +206,34 @@ class Route:
         ValueError: for a malformed host or prefix, or an empty upstream name.
     """
 
-    upstream: str = attrs.field(validator=_upstream_name)
-    host: str | None = attrs.field(default=None, converter=_route_host)
-    path_prefix: str | None = attrs.field(default=None, validator=_path_prefix)
+    upstream: str = attrs.field(
+        validator=_upstream_name,
+        metadata={
+            "value": "string",
+            "help": "the upstream group (an [upstream.NAME] table) that serves the match",
+            "example": '"api"',
+        },
+    )
+    host: str | None = attrs.field(
+        default=None,
+        converter=_route_host,
+        metadata={
+            "value": "string",
+            "help": "match this host (Host field, without the port, any case): an exact name, "
+            "or *.example.test for any name under example.test (not example.test itself)",
+            "example": '"api.example.test"',
+        },
+    )
+    path_prefix: str | None = attrs.field(
+        default=None,
+        validator=_path_prefix,
+        metadata={
+            "value": "string",
+            "help": "match paths that start with this (after percent-decoding and removing "
+            "dot segments; case-sensitive; the query is not part of it)",
+            "example": '"/v1/"',
+        },
+    )
 
     @property
     def is_default(self) -> bool:

@@ -34,6 +34,14 @@ costs little; every restart is logged. A worker that dies before its first
 report ends the startup: the supervisor stops the others and fails (exit 1),
 as a single process that cannot listen does.
 
+Reload: with a config file, the supervisor takes SIGHUP. It validates the
+file once (``validate``, the same loading the workers do); a file that
+fails is one error line and no worker hears of it; otherwise SIGHUP goes to
+every worker that is ready (one still starting has no SIGHUP handler yet,
+and reads the file as it starts anyway), and each reloads it. ``workers``
+and ``listen`` are the supervisor's: a change is reported as needing a
+restart. A worker restarted later reads the file as it is then.
+
 Shutdown: the first SIGTERM/SIGINT is forwarded as SIGTERM to every worker,
 which drains for ``--shutdown-timeout`` (``_shutdown``); a further signal is
 forwarded again, which makes the workers stop at once. Workers still running
@@ -61,7 +69,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from ._config import ProxyConfig
+from ._config import ProxyConfig, keep_restart_settings
 from ._errors import collapse_single_error
 from ._listen import listening_line
 from ._metrics import startup_summary
@@ -219,13 +227,19 @@ class WorkerLink:
 # ---- The supervisor ----
 
 
-async def supervise(config: ProxyConfig, argv: Sequence[str]) -> None:
+async def supervise(
+    config: ProxyConfig,
+    argv: Sequence[str],
+    validate: Callable[[], ProxyConfig] | None = None,
+) -> None:
     """Run ``config.workers`` workers until SIGTERM/SIGINT; see the module comment.
 
     Args:
         config: the validated configuration (workers, listen address, shutdown
             timeout); the workers build theirs from ``argv``.
         argv: the user's command line arguments, passed on to each worker.
+        validate: reads the configuration again, raising ValueError for one
+            that is not valid; given, SIGHUP reloads the workers.
 
     Raises:
         WorkerStartupError: a worker exited before it was ready.
@@ -239,6 +253,8 @@ async def supervise(config: ProxyConfig, argv: Sequence[str]) -> None:
                 async with trio.open_nursery() as watchers:
                     watchers.start_soon(supervisor.forward_signals, signals)
                     watchers.start_soon(supervisor.kill_stragglers)
+                    if validate is not None:
+                        await watchers.start(supervisor.forward_reloads, validate)
                     await supervisor.run_all()
                     watchers.cancel_scope.cancel()
     if supervisor.startup_failure is not None:
@@ -284,6 +300,8 @@ class _Supervisor:
         self.config = config
         self.command = command
         self.running: dict[int, trio.Process] = {}
+        # Workers that reported ready since they last started.
+        self.ready: set[int] = set()
         self.stopping = trio.Event()
         self.startup_failure: str | None = None
 
@@ -354,7 +372,11 @@ class _Supervisor:
                 process.kill()  # it has exited, or it is broken: make sure it is gone
             else:
                 report(address)
-            returncode = await process.wait()
+                self.ready.add(index)
+            try:
+                returncode = await process.wait()
+            finally:
+                self.ready.discard(index)
         return _WorkerEnded(process.pid, returncode, trio.current_time() - ready_at)
 
     @asynccontextmanager
@@ -406,6 +428,28 @@ class _Supervisor:
                 self.stopping.set()
             for process in self.running.values():
                 process.send_signal(signal.SIGTERM)
+
+    async def forward_reloads(
+        self,
+        validate: Callable[[], ProxyConfig],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """On each SIGHUP, validate the configuration once; if it holds, pass
+        SIGHUP to every ready worker."""
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            task_status.started()
+            async for _ in hangups:
+                try:
+                    new = validate()
+                except ValueError as exc:
+                    logger.error("reload refused, the workers keep their configuration: %s", exc)
+                    continue
+                for note in keep_restart_settings(self.config, new)[1]:
+                    if note.startswith(("workers:", "listen:")):
+                        logger.warning("reload: %s", note)
+                logger.info("SIGHUP: reloading %d workers", len(self.ready))
+                for index in sorted(self.ready):
+                    self.running[index].send_signal(signal.SIGHUP)
 
     async def kill_stragglers(self) -> None:
         """Once stopping, kill the workers still running after the shutdown
