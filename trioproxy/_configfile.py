@@ -31,10 +31,8 @@ message mentions.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -192,6 +190,8 @@ def read_config_file(path: str) -> ConfigFile:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read the config file: {reason}", path=path) from None
+    import tomllib  # here, not at the top: only a config file needs it (~150 KiB of RSS)
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -224,6 +224,8 @@ def _checked(file: ConfigFile, data: dict[str, Any]) -> ConfigFile:
 
 
 def _unknown(key: str, known: list[str]) -> str:
+    import difflib  # only on this error path
+
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown key{hint}; docs/config.md lists every key"
