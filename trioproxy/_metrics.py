@@ -78,6 +78,10 @@ class ProxyMeters:
         tunnels_open: CONNECT and Upgrade tunnels running now.
         tunnel_bytes_up: bytes ended tunnels carried client -> upstream.
         tunnel_bytes_down: bytes ended tunnels carried upstream -> client.
+        tls_handshakes: TLS handshakes completed, by leg (``client``,
+            ``upstream``).
+        tls_handshake_failures: failed TLS handshakes, by ``(leg, reason)``
+            (``_tls.handshake_failure_reason``: ``not_tls``, ``timeout``, ...).
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -92,6 +96,8 @@ class ProxyMeters:
     tunnels_open: int = 0
     tunnel_bytes_up: int = 0
     tunnel_bytes_down: int = 0
+    tls_handshakes: dict[str, int] = attrs.Factory(dict)
+    tls_handshake_failures: dict[tuple[str, str], int] = attrs.Factory(dict)
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -105,6 +111,13 @@ class ProxyMeters:
         """Count the bytes an ended tunnel carried."""
         self.tunnel_bytes_up += bytes_up
         self.tunnel_bytes_down += bytes_down
+
+    def count_tls_handshake(self, leg: str) -> None:
+        self.tls_handshakes[leg] = self.tls_handshakes.get(leg, 0) + 1
+
+    def count_tls_failure(self, leg: str, reason: str) -> None:
+        key = (leg, reason)
+        self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
 
     def count_failure(self, status_code: int) -> None:
         """Count an exchange that ended with the error ``status_code``."""
@@ -148,6 +161,10 @@ def startup_summary(config: ProxyConfig, version: str) -> str:
         if config.upstream is not None
         else "forward proxy" + (" via a parent proxy" if config.parent_proxy else "")
     )
+    if config.upstream is not None and config.upstream.tls:
+        mode += " over TLS"
+    if config.tls_cert:
+        mode += ", TLS on the listener"
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
     mib = 1024 * 1024
     return (
@@ -220,6 +237,7 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
         {"": meters.upstream_errors},
     )
     yield from _tunnel_lines(meters)
+    yield from _tls_lines(meters)
     yield from _metric(
         "trioproxy_sink_wait_seconds_total",
         "counter",
@@ -246,6 +264,22 @@ def _tunnel_lines(meters: ProxyMeters) -> Iterator[str]:
             '{direction="up"}': meters.tunnel_bytes_up,
             '{direction="down"}': meters.tunnel_bytes_down,
         },
+    )
+
+
+def _tls_lines(meters: ProxyMeters) -> Iterator[str]:
+    yield from _metric(
+        "trioproxy_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed, by leg.",
+        {f'{{leg="{leg}"}}': meters.tls_handshakes.get(leg, 0) for leg in ("client", "upstream")},
+    )
+    failures = sorted(meters.tls_handshake_failures.items())
+    yield from _metric(
+        "trioproxy_tls_handshake_failures_total",
+        "counter",
+        "Failed TLS handshakes, by leg and reason.",
+        {f'{{leg="{leg}",reason="{reason}"}}': count for (leg, reason), count in failures},
     )
 
 
