@@ -174,6 +174,7 @@ class ExchangeContext:
         own_addresses: every ``(host, port)`` that reaches this proxy.
         upstream_preface: the PROXY protocol header each new upstream
             connection starts with (``--upstream-send-proxy``), or b"".
+        client_tls: the client's connection is TLS (our listener's).
     """
 
     config: ProxyConfig
@@ -183,6 +184,7 @@ class ExchangeContext:
     client_allowed: bool
     own_addresses: Collection[tuple[str, int]]
     upstream_preface: bytes = b""
+    client_tls: bool = False
 
 
 class Exchange:
@@ -248,7 +250,7 @@ class Exchange:
 
     def _check_target(self, target: Target, fields: list[tuple[bytes, bytes]]) -> None:
         check_not_loop(target.host, target.port, fields, self.context.own_addresses)
-        self.record.set_upstream(target.host, target.port)
+        self.record.set_upstream(target.host, target.port, tls=target.tls)
 
     # --- CONNECT ---
 
@@ -307,16 +309,17 @@ class Exchange:
         self._authorize(fields)
         target = self._target()
         self._check_target(target, fields)
-        self._parent = self._parent_for(target)
+        host, port, tls, via = self._first_hop(target)
         upstream_request = self._upstream_request(target, fields)
         has_body = request_has_body(request)
         if not has_body:
             self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
-        host, port = (target.host, target.port) if self._parent is None else self._parent.address
         upstreams = self.context.upstreams
         preface = self.context.upstream_preface
         owner = self.context if preface else None  # such a connection is this client's alone
-        upstream = await upstreams.checkout(host, port, preface=preface, owner=owner)
+        upstream = await upstreams.checkout(
+            host, port, tls=tls, via=via, preface=preface, owner=owner
+        )
         self.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
         try:
             try:
@@ -326,7 +329,9 @@ class Exchange:
                     raise
                 logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
                 await upstreams.discard(upstream)
-                upstream = await upstreams.connect(host, port, preface=preface, owner=owner)
+                upstream = await upstreams.connect(
+                    host, port, tls=tls, via=via, preface=preface, owner=owner
+                )
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
         except BaseException:
             await upstreams.discard(upstream)
@@ -340,12 +345,30 @@ class Exchange:
             return forward_target(self.request.target)
         return reverse_target(self.request.target, self.config.upstream)
 
+    def _first_hop(self, target: Target) -> tuple[str, int, bool, ParentProxy | None]:
+        """Where the upstream connection goes: ``(host, port, tls, via)``.
+
+        The target itself, unless a parent proxy carries it: a plain target
+        goes to the parent in absolute form (``self._parent``); an
+        ``https://`` target goes in TLS of our own, end to end, inside a
+        CONNECT tunnel through the parent (``via``), so that we verify the
+        origin's certificate as for a direct one.
+        """
+        parent = self._parent_for(target)
+        if parent is None:
+            return target.host, target.port, target.tls, None
+        if target.tls:
+            return target.host, target.port, True, parent
+        self._parent = parent
+        return parent.host, parent.port, False, None
+
     def _upstream_request(self, target: Target, fields: list[tuple[bytes, bytes]]) -> h11.Request:
         headers = upstream_request_headers(
             fields,
             target=target,
             client_host=self.context.client_host,
             reverse=self.config.upstream is not None,
+            client_tls=self.context.client_tls,
         )
         headers += upgrade_fields(fields)
         if self._parent is None:
