@@ -35,6 +35,7 @@ from ._listen import listening_line
 from ._memory import prepare_process_memory
 from ._metrics import startup_summary
 from ._server import serve
+from ._tls_legs import prepare_tls
 from ._units import UNITS_HELP, for_argparse
 from ._units import parse_size as parse_size
 from ._version import VERSION
@@ -189,7 +190,11 @@ async def _run(config: ProxyConfig, worker: WorkerLink | None = None) -> None:
             listeners = await nursery.start(serve_then_stop)
             host, port = listeners[0].socket.getsockname()[:2]
             if worker is None:
-                print(listening_line(host, port), file=sys.stderr, flush=True)
+                print(
+                    listening_line(host, port, tls=bool(config.tls_cert)),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 print(startup_summary(config, VERSION), file=sys.stderr, flush=True)
             else:
                 await nursery.start(worker.report_ready_then_watch, host, port, first_signal.set)
@@ -217,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        prepare_tls(config)  # a bad certificate or CA file: one line now, not at a request
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -228,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = WorkerLink.from_environ()
     if worker is None:
         _check_open_file_limit(config)  # once: workers inherit the raised limit
+        if config.upstream_insecure:
+            logger.warning(
+                "--upstream-insecure: upstream TLS certificates and host names are NOT checked;"
+                " anyone on the path can read and change upstream traffic"
+            )
     else:
         config = attrs.evolve(config, reuse_port=True)
     try:

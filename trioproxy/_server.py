@@ -18,6 +18,7 @@ from ._memory import trim_heap_when_idle
 from ._metrics import ProxyMeters, serve_metrics
 from ._pool import open_upstream_pool
 from ._shutdown import DrainReport, Shutdown, ShutdownTrigger, serve_until_shutdown
+from ._tls_legs import prepare_tls
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 
@@ -41,8 +42,13 @@ async def serve(
     connection; a shutdown trigger closes the listeners at once and gives
     in-flight exchanges ``config.shutdown_timeout`` seconds (see ``_shutdown``).
     The metrics endpoint (if ``config.metrics_listen``) and the idle heap
-    trimmer run beside them.
+    trimmer run beside them. With ``config.tls_cert`` every connection
+    speaks TLS (``_tls_legs``).
+
+    Raises:
+        ValueError: a TLS certificate, key or CA file is missing or bad.
     """
+    tls = prepare_tls(config)
     shared_meters = meters if meters is not None else ProxyMeters.for_config(config)
     shutdown = Shutdown()
     # Workers share the port with SO_REUSEPORT (see _listen, _workers).
@@ -66,6 +72,7 @@ async def serve(
                 shutdown=shutdown,
                 listen_addresses=listen_addresses,
                 pool=pool,
+                tls=tls,
             )
 
         # Memory: the metrics endpoint and the idle heap trimmer (issue 4).
