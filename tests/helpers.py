@@ -9,6 +9,7 @@ so no socket is touched. Loopback tests start a real origin on 127.0.0.1 port 0.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import resource
 import subprocess
@@ -192,6 +193,20 @@ class CountingStream(trio.abc.Stream):
     async def aclose(self) -> None:
         self.closed = True
         await self.inner.aclose()
+
+
+def counting_upstream_port() -> tuple[UpstreamPort, list[CountingStream]]:
+    """An ``UpstreamPort`` whose connections count what the proxy pulls from
+    them (and writes into them): one ``CountingStream`` per connection, in
+    the list, in order."""
+    counted: list[CountingStream] = []
+
+    def counting_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+        proxy_side, origin_side = trio.testing.memory_stream_pair()
+        counted.append(CountingStream(proxy_side))
+        return counted[-1], origin_side
+
+    return UpstreamPort(make_pair=counting_pair), counted
 
 
 def pattern(size: int) -> bytes:
@@ -414,6 +429,24 @@ async def upstream_endpoint_with(
     else:
         assert isinstance(await endpoint.next_event(), h11.Response)
     return endpoint
+
+
+async def stdout_sha256(argv: Sequence[str]) -> tuple[int, str, int]:
+    """Run ``argv`` (curl, say) hashing its stdout as it comes; returns
+    (exit status, sha256 hex digest, bytes)."""
+    digest = hashlib.sha256()
+    size = 0
+    process = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        while chunk := await process.stdout.receive_some(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        status = await process.wait()
+    finally:
+        process.kill()  # no-op once it has exited
+        await process.wait()
+    return status, digest.hexdigest(), size
 
 
 def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:

@@ -14,12 +14,14 @@ Paths (N and M in bytes):
 
 The payload is a 1 MiB block of seeded random bytes, repeated, so serving a
 GiB costs memoryview slices, and the client can verify with ``expected_sha256``.
+With an ``ssl_context`` the origin speaks TLS (an ``https://`` origin).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 from functools import cache
 
 import attrs
@@ -63,13 +65,13 @@ class OriginLog:
     hanging: trio.Event = attrs.Factory(trio.Event)
 
 
-async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, str]:
+async def _read_body(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[int, str]:
     digest = hashlib.sha256()
     length = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Data):
             digest.update(event.data)
             length += len(event.data)
@@ -80,7 +82,7 @@ async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> tuple[i
 
 
 async def _respond(
-    stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, log: OriginLog
+    stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, log: OriginLog
 ) -> bool:
     """Answer one request; return False when the connection must end."""
     if request.target in (b"/reject", b"/reject-hold"):
@@ -129,7 +131,7 @@ async def _respond(
 REJECT_BODY = b"request body too large"
 
 
-async def _reject_early(stream: trio.SocketStream, conn: h11.Connection, *, drain: bool) -> None:
+async def _reject_early(stream: trio.abc.Stream, conn: h11.Connection, *, drain: bool) -> None:
     """Answer 413 before reading the body, as servers with a size limit do.
 
     Then, with ``drain``, half-close and read to the end (closing with unread
@@ -142,20 +144,26 @@ async def _reject_early(stream: trio.SocketStream, conn: h11.Connection, *, drai
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     if not drain:
         await trio.sleep_forever()
+    assert isinstance(stream, trio.abc.HalfCloseableStream)
     await stream.send_eof()
     while await stream.receive_some(65536):
         pass
 
 
-async def _serve_one(stream: trio.SocketStream, log: OriginLog) -> None:
+async def _serve_one(
+    raw: trio.SocketStream, log: OriginLog, ssl_context: ssl.SSLContext | None
+) -> None:
     conn = h11.Connection(h11.SERVER)
     log.connections += 1
+    stream: trio.abc.Stream = raw
+    if ssl_context is not None:
+        stream = trio.SSLStream(raw, ssl_context, server_side=True, https_compatible=True)
     async with stream:
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
                     continue
                 if not isinstance(event, h11.Request):
                     return
@@ -171,10 +179,16 @@ async def _serve_one(stream: trio.SocketStream, log: OriginLog) -> None:
 
 
 async def serve_streaming_origin(
-    log: OriginLog, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    log: OriginLog,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on 127.0.0.1 port 0 until cancelled; reports the port."""
+    """Serve on 127.0.0.1 port 0 until cancelled (over TLS with
+    ``ssl_context``); reports the port."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, lambda s: _serve_one(s, log), listeners)
+        await nursery.start(
+            trio.serve_listeners, lambda s: _serve_one(s, log, ssl_context), listeners
+        )
         task_status.started(listeners[0].socket.getsockname()[1])

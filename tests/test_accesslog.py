@@ -50,6 +50,27 @@ def test_text_line_has_every_field_in_order() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("client_tls", "upstream_tls", "shown"),
+    [(True, False, "client"), (False, True, "upstream"), (True, True, "client,upstream")],
+)
+def test_tls_legs_are_named_after_the_upstream(
+    client_tls: bool, upstream_tls: bool, shown: str
+) -> None:
+    """A TLS leg adds ``tls=`` after ``upstream=``, in text and in JSON; a
+    plain exchange has no such field at all (the line above is unchanged)."""
+    record = finished_record()
+    record.client_tls = client_tls
+    record.set_upstream("a.test", 443, tls=upstream_tls)
+    fields = record.fields(now=10.25)
+    assert format_text(fields) == (
+        'client=192.0.2.7 method=POST target="http://a.test/up?x=1" status=201 '
+        f"bytes_in=12 bytes_out=34 duration=0.25 upstream=a.test:443 tls={shown}"
+    )
+    assert list(fields)[8:] == ["group", "tls", "ended", "reason"]
+    assert "tls" not in finished_record().fields(now=10.25)
+
+
 def test_unknown_fields_show_as_dash_and_reason_is_quoted() -> None:
     """Before a request is known, the line still parses: ``-`` for unknowns; the
     reason is JSON-quoted so quotes and spaces in it cannot break the line."""

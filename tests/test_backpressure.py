@@ -17,7 +17,7 @@ import trio.testing
 import trioproxy
 from trioproxy._metrics import ProxyMeters
 
-from .helpers import CountingStream, UpstreamPort, pattern
+from .helpers import CountingStream, UpstreamPort, counting_upstream_port, pattern
 
 CONFIG = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=4096, buffer_chunks=3)
 BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
@@ -36,14 +36,7 @@ async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> 
 async def test_slow_client_bounds_what_is_pulled_from_the_upstream() -> None:
     """With a client that reads the head and then nothing, the proxy holds at
     most the bound (and fills it), then resumes and delivers byte-exact."""
-    counted: list[CountingStream] = []
-
-    def counting_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
-        proxy_side, origin_side = trio.testing.memory_stream_pair()
-        counted.append(CountingStream(proxy_side))
-        return counted[-1], origin_side
-
-    port = UpstreamPort(make_pair=counting_pair)
+    port, counted = counting_upstream_port()
     meters = ProxyMeters()
     client, proxy_side = trio.testing.lockstep_stream_pair()
     payload = pattern(SIZE)

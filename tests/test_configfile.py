@@ -97,6 +97,17 @@ def test_the_one_line_upstream_is_one_group_and_one_default_route(tmp_path: Path
     assert routes.match(b"any.test", b"/x") is not None
 
 
+def test_https_servers_and_upstreams_keep_their_scheme(tmp_path: Path) -> None:
+    """An https:// server in a group, and the one-line https:// upstream, are
+    TLS servers (port 443 by default)."""
+    text = "[upstream.api]\nservers = ['http://a:81', 'https://b']\n[[route]]\nupstream = 'api'\n"
+    [api] = load_settings(write(tmp_path, text), {}).config.upstreams
+    assert api.servers == (UpstreamServer("http", "a", 81), UpstreamServer("https", "b", 443))
+    config = load_settings(write(tmp_path, 'upstream = "https://origin.test"\n'), {}).config
+    [group], _ = config.groups_and_routes()
+    assert group.servers == (UpstreamServer("https", "origin.test", 443),)
+
+
 @pytest.mark.parametrize(
     ("text", "line", "expected"),
     [
@@ -155,11 +166,6 @@ def test_the_one_line_upstream_is_one_group_and_one_default_route(tmp_path: Path
             "[upstream.api]\nservers = ['http://a']\n",
             None,
             "upstream groups need at least one route",
-        ),
-        (
-            "[upstream.api]\nservers = ['http://a', 'https://b']\n[[route]]\nupstream = 'api'\n",
-            2,
-            "https servers need TLS support (issue #11)",
         ),
         (
             "parent_proxy = 'http://p:3128'\n[upstream.api]\nservers = ['http://a']\n"

@@ -7,6 +7,8 @@ checked here on its own, synchronously.
 
 from __future__ import annotations
 
+import ssl
+
 import h11
 import pytest
 import trio.testing
@@ -23,6 +25,7 @@ from trioproxy._exchange import (
 )
 from trioproxy._pool import PooledUpstream
 from trioproxy._splice import splice_supported
+from trioproxy._tls import BoundedTLSStream
 
 from .helpers import socket_stream_pair
 
@@ -92,6 +95,25 @@ async def test_body_path_splices_a_large_body_between_sockets_unless_turned_off(
         assert path.pipe_size <= 384 * 1024
         unspliced = trioproxy.ProxyConfig(splice=False)
         assert not choose_body_path(unspliced, left, right, 100 * MiB).spliced
+    finally:
+        await left.aclose()
+        await right.aclose()
+
+
+@pytest.mark.skipif(not splice_supported(), reason="splice(2) is Linux-only")
+async def test_a_tls_leg_always_takes_the_pump() -> None:
+    """TLS over a plain socket, on either side or both, never splices, for
+    the same large body that two plain sockets splice (checked first, so
+    the test would see a TLS leg taken for a socket)."""
+    config = trioproxy.ProxyConfig()
+    left, right = socket_stream_pair()
+    context = ssl.create_default_context()
+    tls_left = BoundedTLSStream(left, context, server_hostname="left.test")
+    tls_right = BoundedTLSStream(right, context, server_hostname="right.test")
+    try:
+        assert choose_body_path(config, left, right, 100 * MiB).spliced
+        for source, sink in [(tls_left, right), (left, tls_right), (tls_left, tls_right)]:
+            assert not choose_body_path(config, source, sink, 100 * MiB).spliced
     finally:
         await left.aclose()
         await right.aclose()

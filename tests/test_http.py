@@ -25,22 +25,26 @@ from trioproxy._http import (
         (b"http://h?q=1", "h", 80, b"/?q=1"),
         (b"http://[::1]:9/x%2Fy", "::1", 9, b"/x%2Fy"),
         (b"http://h/%E2%82%AC?%20", "h", 80, b"/%E2%82%AC?%20"),
+        (b"https://example.com/a?b", "example.com", 443, b"/a?b"),
+        (b"HTTPS://h:8443", "h", 8443, b"/"),
     ],
 )
 def test_forward_target_keeps_path_and_query_byte_for_byte(
     target: bytes, host: str, port: int, path: bytes
 ) -> None:
-    """The absolute URI gives host, port and the exact origin-form target."""
+    """The absolute URI gives host, port (80 or 443 by default) and the exact
+    origin-form target; an https:// target is fetched over TLS."""
     parsed = forward_target(target)
     assert (parsed.host, parsed.port, parsed.path) == (host, port, path)
+    assert parsed.tls == target.lower().startswith(b"https://")
 
 
 @pytest.mark.parametrize(
     ("target", "message"),
     [
         (b"/just/a/path", "absolute URI"),
-        (b"https://h/", "unsupported scheme"),
         (b"ftp://h/", "unsupported scheme"),
+        (b"wss://h/", "unsupported scheme"),
         (b"http://user:pw@h/", "credentials"),
         (b"http:///nohost", "no valid host"),
         (b"http://h:0/", "port"),
@@ -66,8 +70,25 @@ def test_reverse_target_uses_the_fixed_upstream() -> None:
         b"10.0.0.1:9000",
     )
     assert reverse_target(b"http://elsewhere/p?q", upstream).path == b"/p?q"
+    assert not target.tls
     with pytest.raises(BadRequest):
         reverse_target(b"no-slash", upstream)
+
+
+@pytest.mark.parametrize(
+    ("url", "port", "authority"),
+    [
+        ("https://origin.test", 443, b"origin.test"),
+        ("https://origin.test:8443/", 8443, b"origin.test:8443"),
+        ("https://origin.test:80", 80, b"origin.test:80"),
+        ("https://[::1]", 443, b"[::1]"),
+    ],
+)
+def test_https_upstream_is_a_tls_target(url: str, port: int, authority: bytes) -> None:
+    """An https:// upstream defaults to port 443, leaves the default port out
+    of Host, and makes every target a TLS one."""
+    target = reverse_target(b"/p", UpstreamServer.from_url(url))
+    assert (target.port, target.authority, target.tls) == (port, authority, True)
 
 
 def test_connection_named_fields_are_dropped_too() -> None:
@@ -132,6 +153,10 @@ def test_upstream_request_headers_in_reverse_mode() -> None:
     assert (b"X-Forwarded-Proto", b"http") in headers
     assert (b"X-Forwarded-Host", b"public") in headers
     assert (b"X-Forwarded-Proto", b"https-lie") not in headers
+    over_tls = upstream_request_headers(
+        [], target=target, client_host="127.0.0.1", reverse=True, client_tls=True
+    )
+    assert (b"X-Forwarded-Proto", b"https") in over_tls
 
 
 def test_client_response_headers_keep_content_length_and_add_via() -> None:
@@ -159,7 +184,14 @@ def test_error_response_is_short_text_with_length_and_close() -> None:
         ({"buffer_chunks": 0}, "buffer_chunks must be between"),
         ({"listen_port": -1}, "listen_port must be between"),
         ({"connect_timeout": 0}, "connect_timeout must be greater than 0"),
-        ({"upstream": "https://x"}, "http:// URL"),
+        ({"upstream": "ftp://x"}, "http:// or https:// URL"),
+        ({"upstream": "https://x:y"}, "invalid port"),
+        ({"tls_cert": ["a.pem", "b.pem"], "tls_key": ["a.key"]}, "1 keys for 2 certificates"),
+        ({"tls_handshake_timeout": 0}, "tls_handshake_timeout must be greater than 0"),
+        ({"upstream_ca": "ca.pem", "upstream_insecure": True}, "contradict"),
+        ({"upstream": "http://x", "upstream_sni": "x"}, "upstream_sni needs an https://"),
+        ({"upstream_cert": "c.pem"}, "upstream_cert needs an https:// upstream"),
+        ({"upstream": "https://x", "upstream_key": "k.pem"}, "upstream_key needs upstream_cert"),
         ({"upstream": "http://x/path"}, "must not have a path"),
         ({"upstream": "http://u:p@x"}, "credentials"),
         ({"upstream": "http://x:notaport"}, "invalid port"),

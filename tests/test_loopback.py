@@ -6,10 +6,8 @@ Large transfers are hashed on both ends.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +17,7 @@ import trio
 
 import trioproxy
 
-from .helpers import start_proxy
+from .helpers import start_proxy, stdout_sha256
 from .streaming_origin import OriginLog, expected_sha256, payload_chunks, serve_streaming_origin
 
 CURL = shutil.which("curl")
@@ -82,20 +80,7 @@ async def curl(setup: Setup, *args: str) -> tuple[int, bytes]:
 
 async def curl_sha256(setup: Setup, *args: str) -> tuple[int, str, int]:
     """Run curl writing the body into sha256sum-like hashing in this process."""
-    assert CURL is not None
-    digest = hashlib.sha256()
-    size = 0
-    process = await trio.lowlevel.open_process([*setup.curl_args(), *args], stdout=subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        while chunk := await process.stdout.receive_some(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        status = await process.wait()
-    finally:
-        process.kill()  # no-op once it has exited
-        await process.wait()
-    return status, digest.hexdigest(), size
+    return await stdout_sha256([*setup.curl_args(), *args])
 
 
 DOWNLOADS = [

@@ -12,6 +12,7 @@ import http.client
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import h11
@@ -24,7 +25,8 @@ from trioproxy._cli import build_parser, config_from_args
 from trioproxy._endpoint import UpstreamEndpoint
 from trioproxy._exchange import may_pool
 from trioproxy._http import request_has_body
-from trioproxy._pool import PooledUpstream, UpstreamPool, open_upstream_pool
+from trioproxy._pool import PooledUpstream, UpstreamPool, looks_closed, open_upstream_pool
+from trioproxy._tls import BoundedTLSStream, client_context, server_context
 
 from .helpers import (
     UpstreamPort,
@@ -35,6 +37,7 @@ from .helpers import (
     start_proxy,
     upstream_endpoint_with,
 )
+from .tlskit import make_pki
 
 REVERSE = trioproxy.ProxyConfig(upstream="http://origin.test:9000")
 
@@ -353,6 +356,45 @@ async def test_checkout_skips_every_closed_idle_connection() -> None:
         assert proxy_side.socket.fileno() == -1  # closed by the pool
     for stream in (pairs[0][0], pairs[0][1]):
         await stream.aclose()
+
+
+async def test_tls_and_plain_connections_to_one_address_are_kept_apart() -> None:
+    """An https:// and an http:// upstream on the same host and port never
+    share a pooled connection: checkout matches TLS-ness too."""
+    pool = UpstreamPool(max_idle=4)
+    endpoint = await done_endpoint([("Content-Length", "2")])
+    await pool.release(PooledUpstream(endpoint, "h", 1, tls=True), reusable=True)
+    assert await pool.checkout("h", 1) is None
+    assert pool.idle_count == 1
+    taken = await pool.checkout("h", 1, tls=True)
+    assert taken is not None
+    assert taken.tls
+
+
+async def test_an_idle_tls_connection_the_origin_closed_is_dropped(tmp_path: Path) -> None:
+    """The closed check sees through TLS to the socket underneath: an idle
+    TLS connection whose origin closed it is not handed out."""
+    pki = make_pki(tmp_path)
+    pool = UpstreamPool(max_idle=4)
+    proxy_side, origin_side = socket_stream_pair()
+    origin = BoundedTLSStream(
+        origin_side, server_context([pki.pair("localhost")]), server_side=True
+    )
+    client = BoundedTLSStream(
+        proxy_side, client_context(ca_file=pki.ca), server_hostname="localhost"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(origin.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    await origin.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    endpoint = await upstream_endpoint_with(b"", stream=client, read_all=True)
+    await pool.release(PooledUpstream(endpoint, "h", 1, tls=True), reusable=True)
+    assert pool.idle_count == 1
+    assert not looks_closed(client)
+    await origin.aclose()
+    assert looks_closed(client)
+    assert await pool.checkout("h", 1, tls=True) is None
+    assert proxy_side.socket.fileno() == -1  # closed by the pool
 
 
 def test_cli_pool_flags() -> None:

@@ -61,6 +61,27 @@ EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
         {"proxy_protocol_from": ["10.0.0.0/8"]},
     ),
     "upstream_send_proxy": (["--upstream-send-proxy", "v2"], {"upstream_send_proxy": "v2"}),
+    "tls_cert": (["--tls-cert", "a.pem", "--tls-cert", "b.pem"], {"tls_cert": ["a.pem", "b.pem"]}),
+    "tls_key": (["--tls-key", "a.key"], {"tls_key": ["a.key"]}),
+    "tls_handshake_timeout": (["--tls-handshake-timeout", "3s"], {"tls_handshake_timeout": 3.0}),
+    "upstream_ca": (["--upstream-ca", "ca.pem"], {"upstream_ca": "ca.pem"}),
+    "upstream_insecure": (["--upstream-insecure"], {"upstream_insecure": True}),
+    "upstream_sni": (["--upstream-sni", "o.test"], {"upstream_sni": "o.test"}),
+    "upstream_cert": (["--upstream-cert", "c.pem"], {"upstream_cert": "c.pem"}),
+    "upstream_key": (["--upstream-key", "c.key"], {"upstream_key": "c.key"}),
+}
+
+# Settings that only mean something beside another one: the other's flags and
+# fields, given too when the setting's example is built (and not counted as
+# what the example changes).
+BESIDE: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "tls_key": (["--tls-cert", "a.pem"], {"tls_cert": ["a.pem"]}),
+    "upstream_sni": (["--upstream", "https://o.test"], {"upstream": "https://o.test"}),
+    "upstream_cert": (["--upstream", "https://o.test"], {"upstream": "https://o.test"}),
+    "upstream_key": (
+        ["--upstream", "https://o.test", "--upstream-cert", "c.pem"],
+        {"upstream": "https://o.test", "upstream_cert": "c.pem"},
+    ),
 }
 
 # ProxyConfig fields that no flag sets, on purpose.
@@ -95,9 +116,11 @@ def test_each_flag_sets_its_fields(spec: Setting) -> None:
     """A flag written on the command line reaches its field(s), changed from
     the default, and no other field changes."""
     argv, fields = EXAMPLES[spec.key]
-    expected = owner(spec)(**fields)  # the same value, written in Python
-    default = owner(spec)()
-    result = dict(zip((ProxyConfig, LogSettings), built(argv), strict=True))[owner(spec)]
+    beside_argv, beside = BESIDE.get(spec.key, ([], {}))
+    expected = owner(spec)(**fields, **beside)  # the same value, written in Python
+    default = owner(spec)(**beside)
+    built_both = built([*beside_argv, *argv])
+    result = dict(zip((ProxyConfig, LogSettings), built_both, strict=True))[owner(spec)]
     assert result == expected
     changed = {name for name in fields if getattr(result, name) != getattr(default, name)}
     assert changed == set(fields)
@@ -166,7 +189,7 @@ def test_settings_are_unique() -> None:
 def test_duration_flags_take_units(text: str, seconds: float) -> None:
     """Every duration flag takes 20s and 500ms as well as plain seconds."""
     durations = [spec for spec in all_settings() if spec.metavar == "SECONDS"]
-    assert len(durations) == 7
+    assert len(durations) == 8
     for spec in durations:
         config, _ = built([spec.flag, text])
         assert getattr(config, spec.fields[0]) == seconds, spec.flag

@@ -10,7 +10,6 @@ certificates trustme cannot (CN only, an encrypted key).
 from __future__ import annotations
 
 import array
-import contextlib
 import datetime
 import math
 import re
@@ -45,6 +44,8 @@ from trioproxy._tls import (
     server_context,
 )
 from trioproxy._tunnel import tunnel
+
+from .tlskit import StdlibTLSPeer, read_exactly
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -147,66 +148,6 @@ async def _quiet_handshake(stream: TLSStream, errors: list[BaseException]) -> No
     except trio.BrokenResourceError as exc:
         errors.append(exc)
         await trio.aclose_forcefully(stream)
-
-
-async def _read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    received = bytearray()
-    while len(received) < size:
-        data = await stream.receive_some()
-        assert data, f"EOF after {len(received)} of {size} bytes"
-        received += data
-    return bytes(received)
-
-
-class StdlibTLSPeer:
-    """A TLS client on a hand-driven ``ssl.SSLObject``. Unlike trio's
-    SSLStream it sends its alert when it rejects a certificate, and it can
-    send close_notify and keep reading (a TLS-level half-close)."""
-
-    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext) -> None:
-        self.transport = transport
-        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname="a.example")
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-            except ssl.SSLError:
-                await self._flush()  # the alert
-                raise
-            else:
-                return await self._flush()
-
-    async def send_all(self, data: bytes) -> None:
-        self._tls.write(data)
-        await self._flush()
-
-    async def send_close_notify(self) -> None:
-        with contextlib.suppress(ssl.SSLWantReadError):  # it would wait for the reply
-            self._tls.unwrap()
-        await self._flush()
-
-    async def receive_some(self) -> bytes:
-        while True:
-            try:
-                return self._tls.read(TLS_RECORD_SIZE)
-            except ssl.SSLWantReadError:
-                await self._fill()
-
-    async def _flush(self) -> None:
-        if self._outgoing.pending:
-            await self.transport.send_all(self._outgoing.read())
-
-    async def _fill(self) -> None:
-        data = await self.transport.receive_some()
-        if data:
-            self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
 
 
 def _client_ctx(pki: dict[str, Path]) -> ssl.SSLContext:
@@ -643,7 +584,7 @@ async def _pending_while_peer_stalls(
         nursery.start_soon(sender.send_all, payload)
         await trio.testing.wait_all_tasks_blocked()
         stalled = recorder.pending
-        assert await _read_exactly(peer, len(payload)) == payload
+        assert await read_exactly(peer, len(payload)) == payload
     return stalled, recorder.peak_pending
 
 
@@ -688,7 +629,7 @@ async def _one_read_from_a_fast_peer(
     recorder.pulled = recorder.largest_read = 0
     first = await reader.receive_some()
     pulled, largest = recorder.pulled, recorder.largest_read
-    assert first + await _read_exactly(reader, len(payload) - len(first)) == payload
+    assert first + await read_exactly(reader, len(payload) - len(first)) == payload
     return pulled, largest, len(first)
 
 
@@ -736,7 +677,7 @@ async def test_stream_contract(pki: dict[str, Path]) -> None:
     assert len(await server.receive_some(10)) == 10
     with pytest.raises(ValueError, match="max_bytes"):
         await server.receive_some(0)
-    assert await _read_exactly(server, 3990) == words.tobytes()[10:]
+    assert await read_exactly(server, 3990) == words.tobytes()[10:]
     sender_side, peer_side = trio.testing.lockstep_stream_pair()
     sender = BoundedTLSStream(sender_side, _client_ctx(pki), server_hostname="a.example")
     peer = BoundedTLSStream(peer_side, server_context([_pair(pki, "a")]), server_side=True)
@@ -765,7 +706,7 @@ async def test_eof_without_close_notify_is_eof(pki: dict[str, Path]) -> None:
     await _handshakes(server, client)
     await client.send_all(b"last words")
     await client_side.aclose()  # no close_notify
-    assert await _read_exactly(server, 10) == b"last words"
+    assert await read_exactly(server, 10) == b"last words"
     assert await server.receive_some() == b""
     assert not isinstance(server, trio.abc.HalfCloseableStream)
 
@@ -808,7 +749,7 @@ async def test_tunnel_eof_towards_the_tls_leg_is_not_passed_on(
         await tls_peer.send_all(b"answer")
         await tls_peer.send_close_notify()
         await tls_peer.transport.aclose()
-        assert await _read_exactly(plain_peer, 6) == b"answer"
+        assert await read_exactly(plain_peer, 6) == b"answer"
         assert await plain_peer.receive_some() == b""
     assert result == [None]
 
@@ -869,7 +810,7 @@ async def test_loopback_round_trip(pki: dict[str, Path]) -> None:
         )
         async with trio.open_nursery() as inner:
             inner.start_soon(stream.send_all, payload)
-            assert await _read_exactly(stream, len(payload)) == payload
+            assert await read_exactly(stream, len(payload)) == payload
         assert stream.ssl_stream.selected_alpn_protocol() == "http/1.1"
         await stream.aclose()
         nursery.cancel_scope.cancel()

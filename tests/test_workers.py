@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import psutil
@@ -52,6 +53,7 @@ from .helpers import (
     args_for_a_quiet_start,
     download,
 )
+from .tlskit import make_pki
 
 # How often a bounded poll looks again; short against PROMPTLY, long enough
 # not to busy the 2 cores the other processes need.
@@ -437,3 +439,36 @@ async def test_a_worker_that_does_not_stop_is_killed_after_the_shutdown_timeout(
             rest = await proxy.stderr.rest()
         assert f"(pid {stuck}) is still running: killing it" in rest
         assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+async def test_two_workers_serve_tls(tmp_path: Path) -> None:
+    """``--workers 2 --tls-cert``: the startup line says https, both workers
+    listen, and TLS requests through the port are served (each worker
+    built its own context from the files)."""
+    pki = make_pki(tmp_path)
+    cert, key = pki.pair("localhost")
+    origin = GatedOrigin()
+    origin.release.set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(origin.serve)
+        upstream = f"http://127.0.0.1:{origin.port}"
+        tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--upstream", upstream]
+        async with supervisor_process(*tls, "--access-log", "off") as proxy:
+            assert proxy.startup_line == f"trioproxy listening on https://127.0.0.1:{proxy.port}"
+            workers = proxy.worker_pids()
+            await eventually(lambda: listening_pids(proxy.port, workers) == workers)
+            for _ in range(6):
+                transport = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+                stream = trio.SSLStream(
+                    transport, pki.context(), server_hostname="localhost", https_compatible=True
+                )
+                async with stream:
+                    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    await stream.send_all(request)
+                    with trio.fail_after(PROMPTLY):
+                        response = b""
+                        while data := await stream.receive_some():
+                            response += data
+                assert response.startswith(b"HTTP/1.1 200 ")
+                assert response.endswith(CHUNK * CHUNKS)
+        nursery.cancel_scope.cancel()

@@ -57,6 +57,8 @@ class AccessRecord:
         response_body: the response body pump's progress (bytes written = out).
         enabled: False for a connection that ended before a request.
         ended: how a tunnel (CONNECT, 101) ended; None for other exchanges.
+        client_tls: the client's connection is TLS.
+        upstream_tls: the connection to the upstream is TLS.
     """
 
     client: str | None
@@ -71,13 +73,16 @@ class AccessRecord:
     response_body: Progress = attrs.Factory(Progress)
     enabled: bool = True
     ended: str | None = None
+    client_tls: bool = False
+    upstream_tls: bool = False
 
     def set_request(self, request: h11.Request) -> None:
         self.method = request.method.decode("ascii", "backslashreplace")
         self.target = _shorten(request.target.decode("ascii", "backslashreplace"))
 
-    def set_upstream(self, host: str, port: int) -> None:
+    def set_upstream(self, host: str, port: int, *, tls: bool = False) -> None:
         self.upstream = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.upstream_tls = tls
 
     def set_error(self, error: ProxyError, *, answered: bool) -> None:
         """Record ``error``; ``answered`` is True when it gets its own response."""
@@ -99,8 +104,12 @@ class AccessRecord:
             self.reason = f"tunnel broken: {error}"
 
     def fields(self, now: float) -> dict[str, Any]:
-        """The log fields, in order, with the duration up to ``now``."""
-        return {
+        """The log fields, in order, with the duration up to ``now``.
+
+        ``tls`` (``client``, ``upstream`` or ``client,upstream``) is there
+        only when a leg is TLS, so plain exchanges log as they always did.
+        """
+        fields = {
             "client": self.client,
             "method": self.method,
             "target": self.target,
@@ -110,9 +119,13 @@ class AccessRecord:
             "duration": round(now - self.started, 6),
             "upstream": self.upstream,
             "group": self.group,
-            "ended": self.ended,
-            "reason": self.reason,
         }
+        if self.client_tls or self.upstream_tls:
+            legs = ("client",) * self.client_tls + ("upstream",) * self.upstream_tls
+            fields["tls"] = ",".join(legs)
+        fields["ended"] = self.ended
+        fields["reason"] = self.reason
+        return fields
 
 
 def _shorten(text: str) -> str:

@@ -47,6 +47,7 @@ from ._listen import listening_line
 from ._memory import prepare_process_memory
 from ._metrics import startup_summary
 from ._server import serve
+from ._tls_legs import prepare_tls
 from ._units import UNITS_HELP, for_argparse
 from ._units import parse_size as parse_size
 from ._version import VERSION
@@ -241,7 +242,11 @@ async def _run(
             listeners = await nursery.start(serve_then_stop)
             host, port = listeners[0].socket.getsockname()[:2]
             if worker is None:
-                print(listening_line(host, port), file=sys.stderr, flush=True)
+                print(
+                    listening_line(host, port, tls=bool(config.tls_cert)),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 print(startup_summary(config, VERSION), file=sys.stderr, flush=True)
             else:
                 await nursery.start(worker.report_ready_then_watch, host, port, first_signal.set)
@@ -304,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         settings = load()
+        prepare_tls(settings.config)  # a bad certificate or CA file: one line now, not later
     except ValueError as exc:
         parser.error(str(exc))
     if args.check_config is not None:
@@ -316,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = settings.config
     if worker is None:
         _check_open_file_limit(config)  # once: workers inherit the raised limit
+        if config.upstream_insecure:
+            logger.warning(
+                "--upstream-insecure: upstream TLS certificates and host names are NOT checked;"
+                " anyone on the path can read and change upstream traffic"
+            )
     reload = load if path is not None else None
     try:
         if config.workers > 1:

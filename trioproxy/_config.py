@@ -85,6 +85,7 @@ GROUPS = {
     "timeouts": "how long each wait may last (then an error status or a close)",
     "memory": "payload bytes held per direction of an exchange and in all",
     "upstream": "where requests go (an origin, a parent proxy) and what is kept open",
+    "tls": "TLS on the listener (an HTTPS server or proxy) and to https:// upstreams",
     "access": "who may use the proxy and where CONNECT may go",
     "logging": "diagnostics, the access log and metrics",
 }
@@ -325,38 +326,43 @@ def _in_range(low: int, high: int) -> Any:
 
 @attrs.frozen(kw_only=True)
 class Upstream:
-    """A fixed origin for reverse mode: ``http://host:port``."""
+    """A fixed origin for reverse mode: ``http://host:port``, or
+    ``https://host:port`` (``tls``: TLS to it, see ``_tls_legs``)."""
 
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def from_url(cls, url: str) -> Upstream:
-        """Parse ``http://host[:port]`` (no path, query or credentials).
+        """Parse ``http://host[:port]`` or ``https://host[:port]`` (no path,
+        query or credentials; the port defaults to 80 or 443).
 
         Raises:
             ValueError: with a message saying what is wrong with ``url``.
         """
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise ValueError(f"upstream must be an http:// URL, got {url!r}")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"upstream must be an http:// or https:// URL, got {url!r}")
         if parts.username is not None or parts.password is not None:
             raise ValueError(f"upstream URL must not carry credentials, got {url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"upstream URL must not have a path or query, got {url!r}")
+        tls = parts.scheme == "https"
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if tls else 80)
         except ValueError:
             raise ValueError(f"upstream URL has an invalid port: {url!r}") from None
         if not parts.hostname:
             raise ValueError(f"upstream URL has no host: {url!r}")
-        return cls(host=parts.hostname, port=port)
+        return cls(host=parts.hostname, port=port, tls=tls)
 
     @property
     def authority(self) -> str:
-        """``host:port`` as it goes into a Host field (IPv6 in brackets)."""
+        """``host:port`` as it goes into a Host field (IPv6 in brackets; the
+        port left out when it is the scheme's default)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
 
 
 # The name of the group ``--upstream URL`` stands for, in logs and metrics.
@@ -379,19 +385,6 @@ def _group_names(
         seen.add(spec.name)
 
 
-def _tls_servers_not_yet(spec: GroupSpec) -> None:
-    """Refuse https servers until TLS to upstreams is wired (issue #11).
-
-    The one place that refuses them: remove it, and its call, with TLS.
-    """
-    for server in spec.servers:
-        if server.scheme == "https":
-            raise ValueError(
-                f"upstream.{spec.name}.servers: {server}: https servers need TLS support "
-                "(issue #11)"
-            )
-
-
 def _to_parent_proxy(value: ParentProxy | str | None) -> ParentProxy | None:
     if value is None or isinstance(value, ParentProxy):
         return value
@@ -402,6 +395,12 @@ def _to_upstream(value: Upstream | str | None) -> Upstream | None:
     if value is None or isinstance(value, Upstream):
         return value
     return Upstream.from_url(value)
+
+
+def _to_paths(values: Any) -> tuple[str, ...]:
+    """Files named on the command line (a list) or in Python (any iterable
+    of ``str`` or ``os.PathLike``), as a tuple of ``str``."""
+    return tuple(os.fspath(value) for value in values)
 
 
 def _seconds(flag: str, help: str, *, group: str = "timeouts") -> dict[str, Setting]:
@@ -674,7 +673,7 @@ class ProxyConfig:
             "--upstream",
             group="upstream",
             metavar="URL",
-            help="reverse mode: send every request to this http://host:port "
+            help="reverse mode: send every request to this http:// or https://host:port "
             "(else: forward proxy, unless a config file defines upstream groups)",
         ),
     )
@@ -747,8 +746,6 @@ class ProxyConfig:
         if not value.routes:
             raise ValueError("route: at least one route is needed")
         value.check_upstreams([spec.name for spec in self.upstreams])
-        for spec in self.upstreams:
-            _tls_servers_not_yet(spec)
 
     # ---- access: who may use the proxy, where CONNECT may go ----
     # Client networks that may use the proxy; others get 403.
@@ -881,6 +878,138 @@ class ProxyConfig:
         ),
     )
 
+    # ---- tls: the listener's certificates, and TLS to upstreams (see _tls_legs) ----
+    # Certificate chains (PEM, leaf first) that make every listener speak TLS.
+    # Repeat for more certificates, chosen by the client's SNI among their
+    # DNS names; the first is the default. Each pairs with the --tls-key of
+    # the same position; without --tls-key each file holds its own key too
+    # (HAProxy's "crt" form).
+    tls_cert: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_to_paths,
+        metadata=setting(
+            "--tls-cert",
+            group="tls",
+            action="append",
+            metavar="FILE",
+            help="certificate chain (PEM) for TLS on the listener; repeat with --tls-key "
+            "for more certificates chosen by SNI (the first is the default)",
+        ),
+    )
+    tls_key: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_to_paths,
+        metadata=setting(
+            "--tls-key",
+            group="tls",
+            action="append",
+            metavar="FILE",
+            help="private key (PEM, unencrypted) of the --tls-cert in the same position",
+        ),
+    )
+    # Seconds a client gets to finish its TLS handshake; past it the
+    # connection is closed (one log line). A real client needs one or two
+    # round trips; 10 s is ample over any link and keeps a stalled or
+    # scanning peer from holding a connection slot for long.
+    tls_handshake_timeout: float = attrs.field(
+        default=10.0,
+        validator=_positive,
+        metadata=_seconds(
+            "--tls-handshake-timeout",
+            "time a client has to finish its TLS handshake (then closed)",
+            group="tls",
+        ),
+    )
+    # Trust this PEM bundle for upstream certificates instead of the system
+    # store: an https:// upstream and forward mode's https:// targets.
+    upstream_ca: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "--upstream-ca",
+            group="tls",
+            metavar="FILE",
+            help="CA bundle (PEM) that upstream certificates must chain to, instead of "
+            "the system's",
+        ),
+    )
+    # Check neither certificates nor names of upstreams. For tests and
+    # labs; logged as a warning at start.
+    upstream_insecure: bool = attrs.field(
+        default=False,
+        metadata=setting(
+            "--upstream-insecure",
+            group="tls",
+            action="store_true",
+            help="do not verify upstream certificates or host names (logged at start)",
+        ),
+    )
+    # Reverse mode: the name sent as SNI and checked against the https://
+    # upstream's certificate, when the URL names it by an address or alias.
+    upstream_sni: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "--upstream-sni",
+            group="tls",
+            metavar="NAME",
+            help="reverse mode: server name sent to the https:// upstream and checked "
+            "against its certificate (default: the URL's host)",
+        ),
+    )
+    # Reverse mode: a client certificate for the https:// upstream. Never
+    # sent in forward mode, where it would go to every https:// target.
+    upstream_cert: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "--upstream-cert",
+            group="tls",
+            metavar="FILE",
+            help="reverse mode: client certificate chain (PEM) for the https:// upstream",
+        ),
+    )
+    upstream_key: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "--upstream-key",
+            group="tls",
+            metavar="FILE",
+            help="private key of --upstream-cert, when not in the same file",
+        ),
+    )
+
+    @tls_key.validator
+    def _check_tls_key(self, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+        if value and len(value) != len(self.tls_cert):
+            raise ValueError(
+                f"tls_key: {len(value)} keys for {len(self.tls_cert)} certificates; give one "
+                "--tls-key per --tls-cert, or none (keys inside the certificate files)"
+            )
+
+    @upstream_insecure.validator
+    def _check_upstream_insecure(self, attribute: attrs.Attribute[Any], value: bool) -> None:
+        if value and self.upstream_ca is not None:
+            raise ValueError("upstream_insecure and upstream_ca contradict each other")
+
+    @upstream_sni.validator
+    def _check_upstream_sni(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and (self.upstream is None or not self.upstream.tls):
+            raise ValueError("upstream_sni needs an https:// upstream")
+
+    @upstream_cert.validator
+    def _check_upstream_cert(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and (self.upstream is None or not self.upstream.tls):
+            raise ValueError("upstream_cert needs an https:// upstream (reverse mode)")
+
+    @upstream_key.validator
+    def _check_upstream_key(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and self.upstream_cert is None:
+            raise ValueError("upstream_key needs upstream_cert")
+
+    @property
+    def tls_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The listener's ``(certificate, key)`` files, in order; empty without TLS."""
+        keys = self.tls_key or self.tls_cert
+        return tuple(zip(self.tls_cert, keys, strict=True))
+
     @property
     def credentials(self) -> bytes | None:
         """``auth`` as the bytes Basic credentials carry, or None."""
@@ -914,7 +1043,8 @@ class ProxyConfig:
         server and one default route to it. None in forward mode."""
         if self.upstream is None:
             return self.upstreams, self.routes
-        server = UpstreamServer("http", self.upstream.host, self.upstream.port)
+        scheme = "https" if self.upstream.tls else "http"
+        server = UpstreamServer(scheme, self.upstream.host, self.upstream.port)
         return (GroupSpec(name=DEFAULT_GROUP, servers=(server,)),), RouteTable.single(DEFAULT_GROUP)
 
     @property

@@ -2,6 +2,9 @@
 
 Per client connection (``handle_connection``):
 
+0. On a TLS listener, the TLS handshake (after the PROXY header, if any),
+   within ``tls_handshake_timeout``; a failure costs one access log line and
+   the connection (``_tls_legs.accept_tls``).
 1. Wait for the next request head: on a new connection within
    ``header_timeout``, on a kept-alive one within ``idle_timeout``, and the
    whole head within ``header_timeout`` from its first byte (``_timeouts``).
@@ -21,6 +24,7 @@ this connection ends.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Collection
 
 import h11
@@ -39,6 +43,7 @@ from ._policy import client_allowed
 from ._pool import UpstreamPool
 from ._shutdown import Shutdown
 from ._timeouts import read_request_head, wait_for_request
+from ._tls_legs import HandshakeFailed, accept_tls
 from ._upstream import OpenUpstream, UpstreamConnector, open_tcp_upstream
 
 logger = logging.getLogger("trioproxy")
@@ -62,6 +67,7 @@ async def handle_connection(
     listen_addresses: Collection[tuple[str, int]] = (),
     pool: UpstreamPool | None = None,
     fronts: LiveFront | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Serve proxy requests from one client until it leaves; then close ``stream``.
 
@@ -95,6 +101,10 @@ async def handle_connection(
             client connections so that balancing and health see every
             exchange; a reload replaces its front. Without one, this
             connection gets a front of its own, built from ``config``.
+        tls: the listener's TLS context (``_tls_legs.listener_context``):
+            the client speaks TLS on ``stream``, after the PROXY header if
+            ``config.proxy_protocol``. None: ``stream`` carries HTTP as it is
+            (already TLS, if the caller wrapped it).
 
     Error handling: never raises, except ``trio.Cancelled``. Peer misbehaviour
     is answered, and logged as one access log line with a reason; a bug in trioproxy is logged with
@@ -111,24 +121,38 @@ async def handle_connection(
             ended = True
             return  # logged: no valid PROXY header
         client_host = origin.host
+        initial = origin.initial
+        if tls is not None:
+            started = trio.current_time()
+            try:
+                stream = await accept_tls(stream, tls, config, meters, initial=initial)
+            except HandshakeFailed as failure:
+                ended = True
+                _log_handshake_failure(client_host, failure, started)
+                return
+            initial = b""
         context = ExchangeContext(
             config=config,
             meters=meters,
             upstreams=UpstreamConnector(
-                config, open_upstream, pool if pool is not None else UpstreamPool(max_idle=0)
+                config,
+                open_upstream,
+                pool if pool is not None else UpstreamPool(max_idle=0),
+                meters,
             ),
             fronts=fronts if fronts is not None else LiveFront.of(config),
             client_host=client_host,
             client_allowed=client_host is None or client_allowed(client_host, config.allow),
             own_addresses=own_addresses(stream, config, listen_addresses),
             upstream_preface=upstream_preface(config, origin),
+            client_tls=tls is not None,
         )
         client = ClientEndpoint(
             stream,
             read_size=config.read_size,
             max_head_size=config.max_head_size,
             head_limits=config.head_limits,
-            initial=origin.initial,
+            initial=initial,
         )
         await _serve_requests(client, context, shutdown)
         ended = True
@@ -145,6 +169,16 @@ async def handle_connection(
         await trio.aclose_forcefully(stream)
 
 
+def _log_handshake_failure(
+    client_host: str | None, failure: HandshakeFailed, started: float
+) -> None:
+    """The one access log line of a connection whose TLS handshake failed."""
+    with logged_exchange(client_host) as record:
+        record.started = started
+        record.client_tls = True
+        record.reason = str(failure)
+
+
 async def _serve_requests(
     client: ClientEndpoint, context: ExchangeContext, shutdown: Shutdown
 ) -> None:
@@ -159,6 +193,7 @@ async def _serve_requests(
         failure: ProxyError | None = None
         keep_alive = False
         with logged_exchange(context.client_host) as record:
+            record.client_tls = context.client_tls
             try:
                 event = await read_request_head(client, config, head_deadline)
                 if not isinstance(event, h11.Request):

@@ -243,6 +243,7 @@ class ExchangeContext:
         own_addresses: every ``(host, port)`` that reaches this proxy.
         upstream_preface: the PROXY protocol header each new upstream
             connection starts with (``--upstream-send-proxy``), or b"".
+        client_tls: the client's connection is TLS (our listener's).
     """
 
     config: ProxyConfig
@@ -253,6 +254,7 @@ class ExchangeContext:
     client_allowed: bool
     own_addresses: Collection[tuple[str, int]]
     upstream_preface: bytes = b""
+    client_tls: bool = False
 
 
 class Exchange:
@@ -321,7 +323,7 @@ class Exchange:
 
     def _check_target(self, target: Target, fields: list[tuple[bytes, bytes]]) -> None:
         check_not_loop(target.host, target.port, fields, self.context.own_addresses)
-        self.record.set_upstream(target.host, target.port)
+        self.record.set_upstream(target.host, target.port, tls=target.tls)
 
     # --- CONNECT ---
 
@@ -384,12 +386,11 @@ class Exchange:
             return
         target = forward_target(request.target)
         self._check_target(target, fields)
-        self._parent = self._parent_for(target)
+        host, port, tls, via = self._first_hop(target)
         upstream_request = self._upstream_request(target, fields)
         if not has_body:
             self.client.next_event_nowait()  # its EndOfMessage, already parsed: nothing to pump
-        host, port = (target.host, target.port) if self._parent is None else self._parent.address
-        await self._exchange_on(host, port, upstream_request, has_body)
+        await self._exchange_on(host, port, upstream_request, has_body, tls=tls, via=via)
 
     async def _forward_to_group(self, fields: list[tuple[bytes, bytes]], has_body: bool) -> None:
         """Route the request to a group and send it to one of its servers;
@@ -440,7 +441,9 @@ class Exchange:
             self._check_target(target, fields)
             self.record.group = group.name
             upstream_request = self._upstream_request(target, fields)
-            await self._exchange_on(server.host, server.port, upstream_request, has_body)
+            await self._exchange_on(
+                server.host, server.port, upstream_request, has_body, tls=server.scheme == "https"
+            )
         except (BadGateway, GatewayTimeout) as error:
             if not tried.received and (tried.connect_failed or isinstance(error, BadGateway)):
                 tried.judge(ok=False)
@@ -449,13 +452,20 @@ class Exchange:
             group.finished(attempt)
 
     async def _exchange_on(
-        self, host: str, port: int, upstream_request: h11.Request, has_body: bool
+        self,
+        host: str,
+        port: int,
+        upstream_request: h11.Request,
+        has_body: bool,
+        *,
+        tls: bool = False,
+        via: ParentProxy | None = None,
     ) -> None:
         """Forward the request on a pooled or new connection to ``host:port``;
         retry once on a new one when ``may_retry`` allows; give the
         connection back (to the pool only while the front has the server)."""
         upstreams = self.context.upstreams
-        upstream = await self._connect(host, port, pooled=True)
+        upstream = await self._connect(host, port, pooled=True, tls=tls, via=via)
         self.meters.upstream_connections += 1  # in use by an exchange; idle ones are the pool's
         try:
             try:
@@ -465,7 +475,7 @@ class Exchange:
                     raise
                 logger.debug("reused upstream connection failed (%s); retrying on a new one", error)
                 await upstreams.discard(upstream)
-                upstream = await self._connect(host, port, pooled=False)
+                upstream = await self._connect(host, port, pooled=False, tls=tls, via=via)
                 await self._send_on(upstream.endpoint, upstream_request, has_body)
         except BaseException:
             answered = upstream.endpoint.bytes_received > upstream.bytes_before
@@ -480,20 +490,39 @@ class Exchange:
             reusable = reusable and self.context.fronts.current.serves(host, port)
         await upstreams.release(upstream, reusable=reusable)
 
-    async def _connect(self, host: str, port: int, *, pooled: bool) -> PooledUpstream:
+    async def _connect(
+        self, host: str, port: int, *, pooled: bool, tls: bool, via: ParentProxy | None
+    ) -> PooledUpstream:
         """A pooled connection to ``host:port`` (if ``pooled`` and there is
-        one) or a new one; a failure is a connect failure of the attempt."""
+        one) or a new one, over TLS if ``tls``, through the parent ``via``
+        if given; a failure is a connect failure of the attempt."""
         upstreams = self.context.upstreams
         preface = self.context.upstream_preface
         owner = self.context if preface else None  # such a connection is this client's alone
+        get = upstreams.checkout if pooled else upstreams.connect
         try:
-            if pooled:
-                return await upstreams.checkout(host, port, preface=preface, owner=owner)
-            return await upstreams.connect(host, port, preface=preface, owner=owner)
+            return await get(host, port, tls=tls, via=via, preface=preface, owner=owner)
         except ProxyError:
             if self._attempt is not None:
                 self._attempt.connect_failed = True
             raise
+
+    def _first_hop(self, target: Target) -> tuple[str, int, bool, ParentProxy | None]:
+        """Where the upstream connection goes: ``(host, port, tls, via)``.
+
+        The target itself, unless a parent proxy carries it: a plain target
+        goes to the parent in absolute form (``self._parent``); an
+        ``https://`` target goes in TLS of our own, end to end, inside a
+        CONNECT tunnel through the parent (``via``), so that we verify the
+        origin's certificate as for a direct one.
+        """
+        parent = self._parent_for(target)
+        if parent is None:
+            return target.host, target.port, target.tls, None
+        if target.tls:
+            return target.host, target.port, True, parent
+        self._parent = parent
+        return parent.host, parent.port, False, None
 
     def _upstream_request(self, target: Target, fields: list[tuple[bytes, bytes]]) -> h11.Request:
         headers = upstream_request_headers(
@@ -501,6 +530,7 @@ class Exchange:
             target=target,
             client_host=self.context.client_host,
             reverse=self.front.reverse,
+            client_tls=self.context.client_tls,
         )
         headers += upgrade_fields(fields)
         if self._parent is None:

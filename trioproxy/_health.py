@@ -53,7 +53,7 @@ async def check_server(
         None when the server passes (2xx or 3xx), else why it failed.
     """
     try:
-        upstream = await connector.connect(server.host, server.port)
+        upstream = await connector.connect(server.host, server.port, tls=server.scheme == "https")
     except ProxyError as exc:
         return exc.message
     endpoint = upstream.endpoint

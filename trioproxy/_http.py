@@ -5,8 +5,9 @@ is tested with plain synchronous tests. h11 parses and frames the messages;
 this module decides what a proxy changes between the hops:
 
 * the target: forward mode takes it from the absolute-form request target
-  (``GET http://host:port/path HTTP/1.1``), reverse mode from the server the
-  exchange picked; the path and query pass byte for byte, never decoded;
+  (``GET http://host:port/path HTTP/1.1``, or ``https://``, which the proxy
+  fetches over TLS), reverse mode from the server the exchange picked; the
+  path and query pass byte for byte, never decoded;
 * hop-by-hop fields (RFC 9110 section 7.6.1) are dropped in both directions,
   and framing fields are left to h11, which frames each hop itself: a
   Content-Length passes on as the declared length (h11 checks that the body
@@ -58,16 +59,20 @@ class Target:
         port: the TCP port.
         path: the origin-form request target (path and query), byte for byte.
         authority: the value of the Host field sent upstream.
+        tls: whether the connection to ``host:port`` speaks TLS (an
+            ``https://`` target or upstream).
     """
 
     host: str
     port: int
     path: bytes
     authority: bytes
+    tls: bool = False
 
 
 def forward_target(request_target: bytes) -> Target:
-    """Read an absolute-form target: ``http://host[:port][/path][?query]``.
+    """Read an absolute-form target: ``http://host[:port][/path][?query]``, or
+    ``https://...`` (port 443 by default; ``Target.tls``).
 
     Raises:
         BadRequest: for an origin-form target (this is a proxy, not a server),
@@ -79,20 +84,23 @@ def forward_target(request_target: bytes) -> Target:
             "this is a forward proxy: the request target must be an absolute URI "
             "such as http://example.com/"
         )
-    if scheme.lower() != b"http":
-        raise BadRequest(f"unsupported scheme {scheme.decode('ascii', 'replace')!r}: use http://")
+    tls = scheme.lower() == b"https"
+    if not tls and scheme.lower() != b"http":
+        raise BadRequest(
+            f"unsupported scheme {scheme.decode('ascii', 'replace')!r}: use http:// or https://"
+        )
     end = len(rest)
     for delimiter in (b"/", b"?", b"#"):
         index = rest.find(delimiter)
         if index != -1:
             end = min(end, index)
     authority, path = rest[:end], rest[end:]
-    host, port = split_authority(authority, default_port=80)
+    host, port = split_authority(authority, default_port=443 if tls else 80)
     if path.startswith(b"#"):
         path = b""
     if not path.startswith(b"/"):
         path = b"/" + path
-    return Target(host=host, port=port, path=path, authority=authority)
+    return Target(host=host, port=port, path=path, authority=authority, tls=tls)
 
 
 def reverse_path(request_target: bytes) -> bytes:
@@ -144,6 +152,7 @@ def server_target(path: bytes, server: UpstreamServer) -> Target:
         port=server.port,
         path=path,
         authority=server.authority.encode("ascii"),
+        tls=server.scheme == "https",
     )
 
 
@@ -197,13 +206,15 @@ def upstream_request_headers(
     target: Target,
     client_host: str | None,
     reverse: bool,
+    client_tls: bool = False,
 ) -> Headers:
     """The fields of the request as sent to the upstream.
 
     Host is set from the target (in forward mode from the absolute URI, in
     reverse mode the upstream's authority, with the client's Host kept in
     X-Forwarded-Host). Via is added; in reverse mode so are X-Forwarded-For and
-    X-Forwarded-Proto. Order: Host first, the client's end-to-end fields as
+    X-Forwarded-Proto (``https`` when the client came over TLS,
+    ``client_tls``). Order: Host first, the client's end-to-end fields as
     they came, then Transfer-Encoding, Via, X-Forwarded-For, -Proto, -Host.
     """
     # One pass over the fields rather than one per rule: this runs for every
@@ -239,7 +250,7 @@ def upstream_request_headers(
         if client_host is not None:
             forwarded_for.append(client_host.encode("ascii"))
             result.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-        result.append((b"X-Forwarded-Proto", b"http"))
+        result.append((b"X-Forwarded-Proto", b"https" if client_tls else b"http"))
         if original_host is not None:
             result.append((b"X-Forwarded-Host", original_host))
     return result

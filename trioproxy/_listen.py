@@ -82,7 +82,8 @@ async def _listen(
         raise
 
 
-def listening_line(host: str, port: int) -> str:
-    """The one startup line on stderr, which scripts wait for and parse."""
+def listening_line(host: str, port: int, *, tls: bool = False) -> str:
+    """The one startup line on stderr, which scripts wait for and parse;
+    ``https://`` when the listener speaks TLS."""
     shown = f"[{host}]" if ":" in host else host
-    return f"trioproxy listening on http://{shown}:{port}"
+    return f"trioproxy listening on {'https' if tls else 'http'}://{shown}:{port}"

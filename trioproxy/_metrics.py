@@ -88,6 +88,10 @@ class ProxyMeters:
             per-server lines; the server sets it.
         pooled_upstreams: how many idle upstream connections the pool
             holds now; the server sets it.
+        tls_handshakes: TLS handshakes completed, by leg (``client``,
+            ``upstream``).
+        tls_handshake_failures: failed TLS handshakes, by ``(leg, reason)``
+            (``_tls.handshake_failure_reason``: ``not_tls``, ``timeout``, ...).
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -104,6 +108,8 @@ class ProxyMeters:
     tunnel_bytes_down: int = 0
     groups: Callable[[], Iterable[UpstreamGroup]] = attrs.field(default=lambda: ())
     pooled_upstreams: Callable[[], int] = attrs.field(default=lambda: 0)
+    tls_handshakes: dict[str, int] = attrs.Factory(dict)
+    tls_handshake_failures: dict[tuple[str, str], int] = attrs.Factory(dict)
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -117,6 +123,13 @@ class ProxyMeters:
         """Count the bytes an ended tunnel carried."""
         self.tunnel_bytes_up += bytes_up
         self.tunnel_bytes_down += bytes_down
+
+    def count_tls_handshake(self, leg: str) -> None:
+        self.tls_handshakes[leg] = self.tls_handshakes.get(leg, 0) + 1
+
+    def count_tls_failure(self, leg: str, reason: str) -> None:
+        key = (leg, reason)
+        self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
 
     def count_failure(self, status_code: int) -> None:
         """Count an exchange that ended with the error ``status_code``."""
@@ -160,6 +173,10 @@ def startup_summary(config: ProxyConfig, version: str) -> str:
         if config.upstream is not None
         else "forward proxy" + (" via a parent proxy" if config.parent_proxy else "")
     )
+    if config.upstream is not None and config.upstream.tls:
+        mode += " over TLS"
+    if config.tls_cert:
+        mode += ", TLS on the listener"
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
     mib = 1024 * 1024
     return (
@@ -233,6 +250,7 @@ def _prometheus_lines(meters: ProxyMeters, rss: int) -> Iterator[str]:
     )
     yield from _tunnel_lines(meters)
     yield from _server_lines(meters.groups())
+    yield from _tls_lines(meters)
     yield from _metric(
         "trioproxy_sink_wait_seconds_total",
         "counter",
@@ -302,6 +320,22 @@ def _server_lines(groups: Iterable[UpstreamGroup]) -> Iterator[str]:
         "counter",
         "Failures of a server: connect failures, resets before the response head.",
         samples["fails"],
+    )
+
+
+def _tls_lines(meters: ProxyMeters) -> Iterator[str]:
+    yield from _metric(
+        "trioproxy_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed, by leg.",
+        {f'{{leg="{leg}"}}': meters.tls_handshakes.get(leg, 0) for leg in ("client", "upstream")},
+    )
+    failures = sorted(meters.tls_handshake_failures.items())
+    yield from _metric(
+        "trioproxy_tls_handshake_failures_total",
+        "counter",
+        "Failed TLS handshakes, by leg and reason.",
+        {f'{{leg="{leg}",reason="{reason}"}}': count for (leg, reason), count in failures},
     )
 
 

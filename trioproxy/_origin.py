@@ -113,11 +113,13 @@ def upstream_preface(config: ProxyConfig, origin: ClientOrigin) -> bytes:
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The TCP socket under ``stream`` (through TLS), if there is one."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
-        return None
+    """The TCP socket under ``stream`` (through TLS, or any stream that keeps
+    the one it wraps as ``transport_stream``), if there is one."""
+    while not isinstance(stream, trio.SocketStream):
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            return None
+        stream = inner
     if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     return stream.socket

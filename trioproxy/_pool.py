@@ -12,8 +12,13 @@ nothing was received past the response, and the exchange raised nothing.
 The pool adds one check of its own, at checkout: the socket is not readable.
 An idle connection that is readable has EOF (the origin closed it), a reset,
 or junk. The check is one ``poll(2)`` with a zero timeout. It applies to
-``trio.SocketStream``; other streams (in-memory, TLS) cannot be checked
+``trio.SocketStream``, and to TLS over one (its socket is polled: an idle
+TLS connection has nothing to say either, its session tickets came before
+the response it carried); other streams (in-memory) cannot be checked
 without reading and are taken as alive.
+
+A connection is found by host, port, owner and TLS-ness: an ``https://``
+upstream and a plain one on the same host and port never share a connection.
 
 The check and the request cannot be atomic: an origin may close an idle
 connection just after we looked. Such a request fails before a byte of the
@@ -72,6 +77,7 @@ class PooledUpstream:
         owner: None for a connection any exchange may reuse; else the only
             owner whose exchanges may (a connection that began with one
             client's PROXY protocol header carries that client's address).
+        tls: the connection speaks TLS (to an ``https://`` upstream).
     """
 
     endpoint: UpstreamEndpoint
@@ -81,16 +87,21 @@ class PooledUpstream:
     reused: bool = False
     bytes_before: int = 0
     idle_since: float = 0.0
+    tls: bool = attrs.field(default=False, kw_only=True)
 
 
 def looks_closed(stream: trio.abc.Stream) -> bool:
     """True when an idle socket is readable: EOF, a reset, or junk is waiting.
 
-    Streams other than ``trio.SocketStream`` cannot be checked without
+    A stream over another (TLS: ``transport_stream``) is checked on the
+    socket underneath. Streams without a socket cannot be checked without
     reading from them, and are reported open.
     """
-    if not isinstance(stream, trio.SocketStream):
-        return False
+    while not isinstance(stream, trio.SocketStream):
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            return False
+        stream = inner
     poller = select.poll()
     poller.register(stream.socket.fileno(), select.POLLIN)
     return bool(poller.poll(0))
@@ -134,14 +145,17 @@ class UpstreamPool:
         """How many idle connections the pool holds now."""
         return len(self._idle)
 
-    async def checkout(self, host: str, port: int, owner: object = None) -> PooledUpstream | None:
+    async def checkout(
+        self, host: str, port: int, owner: object = None, *, tls: bool = False
+    ) -> PooledUpstream | None:
         """Take the most recently returned live connection to ``host:port`` of
-        ``owner`` (None: a connection any exchange may reuse).
+        ``owner`` (None: a connection any exchange may reuse) that speaks TLS
+        if ``tls``, else plain HTTP.
 
         Idle connections to it that the upstream closed meanwhile
         (``looks_closed``) are closed and dropped on the way.
         """
-        while (candidate := self._take_newest(host, port, owner)) is not None:
+        while (candidate := self._take_newest(host, port, owner, tls)) is not None:
             if looks_closed(candidate.endpoint.stream):
                 logger.debug("pooled upstream connection was closed by %s:%d", host, port)
                 await trio.aclose_forcefully(candidate.endpoint.stream)
@@ -155,12 +169,17 @@ class UpstreamPool:
         """How many idle connections to ``host:port`` the pool holds now."""
         return self._per_server.get((host, port), 0)
 
-    def _take_newest(self, host: str, port: int, owner: object) -> PooledUpstream | None:
+    def _take_newest(self, host: str, port: int, owner: object, tls: bool) -> PooledUpstream | None:
         """Remove and return the most recently returned idle connection to
-        ``host:port`` of ``owner``."""
+        ``host:port`` of ``owner`` and TLS-ness ``tls``."""
         for index in range(len(self._idle) - 1, -1, -1):
             candidate = self._idle[index]
-            if candidate.host == host and candidate.port == port and candidate.owner is owner:
+            if (
+                candidate.host == host
+                and candidate.port == port
+                and candidate.owner is owner
+                and candidate.tls == tls
+            ):
                 return self._remove(index)
         return None
 

@@ -24,6 +24,7 @@ from ._metrics import ProxyMeters, serve_metrics
 from ._pool import open_upstream_pool
 from ._reload import serve_front
 from ._shutdown import DrainReport, Shutdown, ShutdownTrigger, serve_until_shutdown
+from ._tls_legs import prepare_tls
 from ._upstream import OpenUpstream, open_tcp_upstream
 
 
@@ -48,11 +49,16 @@ async def serve(
     connection; a shutdown trigger closes the listeners at once and gives
     in-flight exchanges ``config.shutdown_timeout`` seconds (see ``_shutdown``).
     The metrics endpoint (if ``config.metrics_listen``), the idle heap
-    trimmer, and the upstream health checks run beside them.
+    trimmer, and the upstream health checks run beside them. With
+    ``config.tls_cert`` every connection speaks TLS (``_tls_legs``).
 
     Reload: each configuration from ``reloads`` applies to new exchanges and
     connections, and nothing that runs is dropped (see ``_reload``).
+
+    Raises:
+        ValueError: a TLS certificate, key or CA file is missing or bad.
     """
+    tls = prepare_tls(config)
     shared_meters = meters if meters is not None else ProxyMeters.for_config(config)
     shutdown = Shutdown()
     # Workers share the port with SO_REUSEPORT (see _listen, _workers).
@@ -82,6 +88,7 @@ async def serve(
                 listen_addresses=listen_addresses,
                 pool=pool,
                 fronts=live,
+                tls=tls,
             )
 
         shared_meters.pooled_upstreams = lambda: pool.idle_count

@@ -2,10 +2,12 @@
 
 The stream opener is a plain async callable ``(host, port) -> trio.abc.Stream``
 so that tests and embedding applications can inject their own (an in-memory
-stream, a resolver that never touches the network, a TLS wrapper).
+stream, a resolver that never touches the network).
 ``UpstreamConnector`` puts the opener, the pool and the connect timeout
 together; it is the one place an exchange asks for an upstream, and where
-TLS upstreams and several servers per upstream will plug in.
+several servers per upstream will plug in. An ``https://`` upstream or target
+(``tls=True``) gets TLS over the opened stream (``_tls_legs``), within the
+same ``connect_timeout``; the pool keeps TLS and plain connections apart.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import trio
 from ._config import ProxyConfig
 from ._endpoint import UpstreamEndpoint
 from ._errors import BadGateway, GatewayTimeout
+from ._metrics import ProxyMeters
 from ._parent import ParentProxy, parent_refusal
 from ._pool import PooledUpstream, UpstreamPool
+from ._tls_legs import open_upstream_tls
 
 OpenUpstream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
@@ -59,21 +63,38 @@ class UpstreamConnector:
         config: gives ``connect_timeout``, ``read_size`` and ``max_head_size``.
         open_upstream: the stream opener, TCP by default.
         pool: idle keep-alive connections shared by every client connection.
+        meters: where TLS handshakes and their failures are counted.
     """
 
-    __slots__ = ("_config", "_open", "pool")  # one per client connection: keep it small
+    __slots__ = ("_config", "_meters", "_open", "pool")  # one per client connection: keep it small
 
     def __init__(
-        self, config: ProxyConfig, open_upstream: OpenUpstream, pool: UpstreamPool
+        self,
+        config: ProxyConfig,
+        open_upstream: OpenUpstream,
+        pool: UpstreamPool,
+        meters: ProxyMeters | None = None,
     ) -> None:
         self._config = config
         self._open = open_upstream
         self.pool = pool
+        self._meters = meters
 
     async def checkout(
-        self, host: str, port: int, *, preface: bytes = b"", owner: object = None
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        via: ParentProxy | None = None,
+        preface: bytes = b"",
+        owner: object = None,
     ) -> PooledUpstream:
         """An idle pooled connection to ``host:port`` if there is one, else a new one.
+
+        ``tls``: the connection speaks TLS (an ``https://`` upstream); only
+        such connections are reused for it, and only plain ones otherwise.
+        ``via``: a new one goes through this parent (see ``open_stream``).
 
         ``preface`` (a PROXY protocol header) is written first on a new
         connection; such a connection carries one client's address, so only
@@ -83,16 +104,25 @@ class UpstreamConnector:
             BadGateway: the upstream cannot be reached.
             GatewayTimeout: connecting took over ``connect_timeout``.
         """
-        upstream = await self.pool.checkout(host, port, owner)
+        upstream = await self.pool.checkout(host, port, owner, tls=tls)
         if upstream is None:
-            upstream = await self.connect(host, port, preface=preface, owner=owner)
+            upstream = await self.connect(
+                host, port, tls=tls, via=via, preface=preface, owner=owner
+            )
         return upstream
 
     async def connect(
-        self, host: str, port: int, *, preface: bytes = b"", owner: object = None
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        via: ParentProxy | None = None,
+        preface: bytes = b"",
+        owner: object = None,
     ) -> PooledUpstream:
         """A new HTTP connection to ``host:port``; as ``checkout``."""
-        stream = await self.open_stream(host, port)
+        stream = await self.open_stream(host, port, tls=tls, via=via)
         config = self._config
         endpoint = UpstreamEndpoint(
             stream, read_size=config.read_size, max_head_size=config.max_head_size
@@ -103,19 +133,51 @@ class UpstreamConnector:
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
-        return PooledUpstream(endpoint, host, port, owner)
+        return PooledUpstream(endpoint, host, port, owner, tls=tls)
 
-    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+    async def open_stream(
+        self, host: str, port: int, *, tls: bool = False, via: ParentProxy | None = None
+    ) -> trio.abc.Stream:
         """A new stream to ``host:port`` (a tunnel's, or under ``connect``).
 
+        With ``tls``, TLS over it, handshake done, verified as configured
+        (``_tls_legs``). With ``via``, the stream is a CONNECT tunnel through
+        that parent proxy (an ``https://`` target in forward mode with a
+        parent: TLS end to end, verified by us as if direct).
+
         Raises:
-            BadGateway: the upstream cannot be reached.
-            GatewayTimeout: connecting took over ``connect_timeout``.
+            BadGateway: the upstream cannot be reached, the parent refused,
+                or the TLS handshake failed (the message says why).
+            GatewayTimeout: the TCP connect took over ``connect_timeout``, or
+                the TLS handshake did, counted after it.
         """
+        if via is None:
+            stream = await self._open_tcp(host, port)
+        else:
+            stream = await self._open_through(via, host, port)
+        if not tls:
+            return stream
+        timeout = self._config.connect_timeout
+        with trio.move_on_after(timeout):
+            return await open_upstream_tls(stream, self._config, self._meters, host=host, port=port)
+        if self._meters is not None:
+            self._meters.count_tls_failure("upstream", "timeout")
+        raise GatewayTimeout(f"the TLS handshake with {host}:{port} took over {timeout:g} s")
+
+    async def _open_tcp(self, host: str, port: int) -> trio.abc.Stream:
         timeout = self._config.connect_timeout
         with trio.move_on_after(timeout):
             return await self._open(host, port)
         raise GatewayTimeout(f"connecting to {host}:{port} took over {timeout:g} s")
+
+    async def _open_through(self, parent: ParentProxy, host: str, port: int) -> trio.abc.Stream:
+        """A CONNECT tunnel to ``host:port`` through ``parent``, for TLS inside it."""
+        shown = f"[{host}]" if ":" in host else host
+        stream, prefix = await self.open_tunnel_via(parent, f"{shown}:{port}".encode("ascii"))
+        if prefix:  # a TLS server speaks only after the client's hello
+            await trio.aclose_forcefully(stream)
+            raise BadGateway(f"the parent proxy's tunnel to {host}:{port} sent bytes unasked")
+        return stream
 
     async def release(self, upstream: PooledUpstream, *, reusable: bool) -> None:
         """Give ``upstream`` back after its exchange: pooled if ``reusable``, else closed."""

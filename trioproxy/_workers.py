@@ -321,7 +321,11 @@ class _Supervisor:
                 return
             first = addresses[0]
             if first is not None and not self.stopping.is_set():
-                print(listening_line(*first), file=sys.stderr, flush=True)
+                print(
+                    listening_line(*first, tls=bool(self.config.tls_cert)),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 print(startup_summary(self.config, VERSION), file=sys.stderr, flush=True)
 
     async def run_worker(

@@ -1,0 +1,261 @@
+"""Where TLS meets the proxy: the listener's leg and the upstream leg.
+
+``_tls`` knows TLS and nothing of the proxy; this module knows the settings,
+the metrics and what a failure becomes, and is all the rest of the proxy
+calls:
+
+* ``listener_context`` / ``upstream_context``: the ``ssl.SSLContext`` of each
+  leg, from ``--tls-cert``/``--tls-key`` and ``--upstream-ca``,
+  ``--upstream-insecure``, ``--upstream-cert``/``--upstream-key``.
+  ``prepare_tls`` builds both once at start, so a bad file stops the
+  start with one line instead of failing the first request.
+* ``accept_tls``: the client's handshake on an accepted connection, within
+  ``--tls-handshake-timeout``; a client that speaks plain HTTP, sends garbage
+  or stalls raises ``HandshakeFailed`` (counted by reason), and the
+  connection ends with one access log line and nothing else.
+* ``open_upstream_tls``: TLS over a new upstream connection, SNI and the name
+  checked from the URL's host or ``--upstream-sni``; a failure is a 502 whose
+  message says why (``certificate verify failed: ...``). The caller's
+  ``connect_timeout`` covers TCP and TLS together, and its expiry is a 504.
+
+Which body path a TLS leg takes is not decided here: ``choose_body_path``
+(``_exchange``) splices only between two plain sockets, so any TLS leg goes
+through the bounded pump, and tunnels likewise (``_switching``).
+
+The slice size. Every TLS stream here writes at most ``TLS_MAX_WRITE`` bytes
+of plaintext per encryption and reads at most ``TLS_MAX_READ`` per call
+(``BoundedTLSStream``); the memory BIOs keep their peak size for the
+connection's life, so the slice is paid per connection that ever moved a
+large body, idle or not. See ``TLS_MAX_WRITE`` for the measured trade-off
+that chose it.
+
+Upstream contexts are built once per distinct setting and kept
+(``upstream_context``): a context loads the CA bundle (the system store is
+a few hundred certificates), which costs milliseconds and about a MiB, far
+too much per connection. A changed file under the same name is read at the
+next start.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+
+import trio
+
+from ._config import ProxyConfig
+from ._errors import BadGateway
+from ._metrics import ProxyMeters
+from ._tls import (
+    BoundedTLSStream,
+    client_context,
+    describe_tls_failure,
+    handshake_failure_reason,
+    open_tls_upstream,
+    server_context,
+)
+
+# The slice: see the module comment and docs/memory.md ("TLS").
+TLS_MAX_WRITE = 16 * 1024
+TLS_MAX_READ = 16 * 1024
+
+# What a failed server-side handshake raises: trio wraps every ssl.SSLError
+# in BrokenResourceError; transports raise the others.
+_HANDSHAKE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class HandshakeFailed(Exception):
+    """A client's TLS handshake failed; already counted in the meters.
+
+    Attributes:
+        reason: the label (``handshake_failure_reason``): ``not_tls``,
+            ``timeout``, ``eof``, ...
+        description: one line for the log (``wrong version number``).
+    """
+
+    def __init__(self, reason: str, description: str) -> None:
+        super().__init__(f"TLS handshake failed: {description}")
+        self.reason = reason
+        self.description = description
+
+
+# --- contexts ------------------------------------------------------------------
+
+
+def listener_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    """The listener's context (``--tls-cert``/``--tls-key``), or None for plain TCP.
+
+    Raises:
+        ValueError: a certificate or key file is missing or bad (the message
+            names it).
+    """
+    if not config.tls_pairs:
+        return None
+    return server_context(config.tls_pairs)
+
+
+def upstream_context(config: ProxyConfig) -> ssl.SSLContext:
+    """The context for TLS to upstreams, shared by every connection with
+    the same settings.
+
+    Raises:
+        ValueError: the CA bundle or client certificate is missing or bad.
+    """
+    return _client_context(
+        config.upstream_ca, config.upstream_insecure, config.upstream_cert, config.upstream_key
+    )
+
+
+# A handful of distinct settings per process at most (one config, or a few
+# across reloads); each entry is one context.
+@functools.lru_cache(maxsize=8)
+def _client_context(
+    ca_file: str | None, insecure: bool, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext:
+    return client_context(
+        ca_file=ca_file, insecure=insecure, cert_file=cert_file, key_file=key_file
+    )
+
+
+def needs_upstream_tls(config: ProxyConfig) -> bool:
+    """Whether upstream TLS can happen: an https:// upstream, or forward
+    mode (an https:// target may come)."""
+    return config.upstream is None or config.upstream.tls
+
+
+def prepare_tls(config: ProxyConfig) -> ssl.SSLContext | None:
+    """Build every context the settings ask for, so that a bad file stops
+    the start rather than the first request; return the listener's.
+
+    Raises:
+        ValueError: naming the file and the fault.
+    """
+    if needs_upstream_tls(config):
+        upstream_context(config)
+    return listener_context(config)
+
+
+# --- the client's leg -------------------------------------------------------------
+
+
+async def accept_tls(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    config: ProxyConfig,
+    meters: ProxyMeters,
+    *,
+    initial: bytes = b"",
+) -> BoundedTLSStream:
+    """Run the server side of TLS on an accepted connection, handshake done.
+
+    Args:
+        stream: the accepted connection; the returned stream owns it.
+        context: from ``listener_context``.
+        config: gives ``tls_handshake_timeout``.
+        meters: counts the handshake or its failure.
+        initial: bytes already read from ``stream`` (past a PROXY protocol
+            header): the start of the client's handshake.
+
+    Raises:
+        HandshakeFailed: no handshake within ``tls_handshake_timeout``, or a
+            client that is not speaking TLS, refused our certificate, or
+            left. ``stream`` is left to the caller to close.
+
+    Memory: the ``BoundedTLSStream`` terms for ``TLS_MAX_WRITE`` and
+    ``TLS_MAX_READ``, plus OpenSSL's own per-connection state.
+    """
+    transport = stream if not initial else Replayed(stream, initial)
+    tls_stream = BoundedTLSStream(
+        transport, context, server_side=True, max_write=TLS_MAX_WRITE, max_read=TLS_MAX_READ
+    )
+    try:
+        with trio.fail_after(config.tls_handshake_timeout):
+            await tls_stream.do_handshake()
+    except (trio.TooSlowError, *_HANDSHAKE_ERRORS) as exc:
+        reason = handshake_failure_reason(exc)
+        meters.count_tls_failure("client", reason)
+        if reason == "timeout":
+            description = f"no handshake within {config.tls_handshake_timeout:g} s"
+        else:
+            description = describe_tls_failure(exc)
+        raise HandshakeFailed(reason, description) from exc
+    meters.count_tls_handshake("client")
+    return tls_stream
+
+
+class Replayed(trio.abc.Stream):
+    """``stream`` with ``initial`` bytes put back in front of what it receives.
+
+    Memory: ``initial`` (at most one read of the caller's) until it is read.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, initial: bytes) -> None:
+        self.transport_stream = stream
+        self._initial = initial
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._initial:
+            return await self.transport_stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._initial) if max_bytes is None else max_bytes
+        data, self._initial = self._initial[:size], self._initial[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+# --- the upstream's leg -------------------------------------------------------------
+
+
+async def open_upstream_tls(
+    stream: trio.abc.Stream,
+    config: ProxyConfig,
+    meters: ProxyMeters | None,
+    *,
+    host: str,
+    port: int,
+) -> BoundedTLSStream:
+    """TLS over a new connection to ``host:port``, verified as the settings say.
+
+    The name sent and checked is ``host``, or ``--upstream-sni`` for the
+    reverse-mode upstream itself. The deadline is the caller's (the
+    connector's ``connect_timeout``, which covers TCP and TLS together).
+
+    Raises:
+        BadGateway: the handshake failed; the message says why, e.g. ``TLS
+            to origin.test:443 failed: certificate verify failed:
+            self-signed certificate``. ``stream`` is closed.
+    """
+    upstream = config.upstream
+    server_hostname = None
+    if upstream is not None and (upstream.host, upstream.port) == (host, port):
+        server_hostname = config.upstream_sni
+    try:
+        tls_stream = await open_tls_upstream(
+            stream,
+            upstream_context(config),
+            host=host,
+            port=port,
+            server_hostname=server_hostname,
+            max_write=TLS_MAX_WRITE,
+            max_read=TLS_MAX_READ,
+        )
+    except BadGateway as exc:
+        if meters is not None:
+            meters.count_tls_failure("upstream", handshake_failure_reason(exc))
+        raise
+    if meters is not None:
+        meters.count_tls_handshake("upstream")
+    return tls_stream
+
+
+def is_tls(stream: trio.abc.Stream) -> bool:
+    """Whether ``stream`` is one of our TLS legs."""
+    return isinstance(stream, BoundedTLSStream)
