@@ -1043,7 +1043,7 @@ class ProxyConfig:
         server and one default route to it. None in forward mode."""
         if self.upstream is None:
             return self.upstreams, self.routes
-        scheme = "https" if self.upstream.tls else "http"
+        scheme: Literal["http", "https"] = "https" if self.upstream.tls else "http"
         server = UpstreamServer(scheme, self.upstream.host, self.upstream.port)
         return (GroupSpec(name=DEFAULT_GROUP, servers=(server,)),), RouteTable.single(DEFAULT_GROUP)
 
