@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import datetime
-import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from trioproxy._tls import (
     BoundedTLSStream,
     _SniTable,
     certificate_names,
+    ciphertext_size,
     client_context,
     describe_tls_failure,
     handshake_failure_reason,
@@ -201,8 +201,8 @@ async def _server_failure(
 async def test_verified_handshake_negotiates_http11(pki: dict[str, Path]) -> None:
     """Verification against the CA file succeeds, ALPN is http/1.1, bytes flow."""
     stream = await _upstream(server_context([_pair(pki, "a")]), _client_ctx(pki))
-    assert stream.ssl_stream.selected_alpn_protocol() == "http/1.1"
-    assert stream.ssl_stream.version() in {"TLSv1.2", "TLSv1.3"}
+    assert stream.ssl_object.selected_alpn_protocol() == "http/1.1"
+    assert stream.ssl_object.version() in {"TLSv1.2", "TLSv1.3"}
     await stream.aclose()
 
 
@@ -241,7 +241,7 @@ async def test_insecure_accepts_any_certificate(pki: dict[str, Path]) -> None:
     stream = await _upstream(
         server_context([_pair(pki, "expired")]), client_context(insecure=True), host="other.host"
     )
-    assert stream.ssl_stream.selected_alpn_protocol() == "http/1.1"
+    assert stream.ssl_object.selected_alpn_protocol() == "http/1.1"
 
 
 async def test_server_hostname_overrides_the_name_checked(pki: dict[str, Path]) -> None:
@@ -288,7 +288,7 @@ async def test_invalid_server_name_is_bad_gateway(pki: dict[str, Path]) -> None:
     """A name IDNA cannot encode is a 502, and the transport is closed."""
     proxy_side, _ = trio.testing.memory_stream_pair()
     with pytest.raises(BadGateway, match="invalid server name"):
-        await open_tls_upstream(proxy_side, _client_ctx(pki), host="\u2603.example", port=443)
+        await open_tls_upstream(proxy_side, _client_ctx(pki), host="x" * 64 + ".example", port=443)
     with pytest.raises(trio.ClosedResourceError):
         await proxy_side.send_all(b"x")
 
@@ -312,7 +312,9 @@ async def test_client_certificate_is_presented(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(origin.do_handshake)
             await open_tls_upstream(proxy_side, context, host="a.example", port=443)
-        assert origin.ssl_stream.getpeercert()["subjectAltName"] == (("DNS", "proxy.client"),)
+        certificate = origin.ssl_object.getpeercert()
+        assert certificate is not None
+        assert certificate["subjectAltName"] == (("DNS", "proxy.client"),)
 
 
 # --- the listener: SNI, versions, failure labels ------------------------------------
@@ -325,8 +327,8 @@ async def _served_certificate(server_ctx: ssl.SSLContext, sni: str | None) -> by
     server = BoundedTLSStream(server_side, server_ctx, server_side=True)
     client = BoundedTLSStream(client_side, client_ctx, server_hostname=sni)
     await _handshakes(server, client)
-    assert server.ssl_stream.selected_alpn_protocol() == "http/1.1"
-    der = client.ssl_stream.getpeercert(binary_form=True)
+    assert server.ssl_object.selected_alpn_protocol() == "http/1.1"
+    der = client.ssl_object.getpeercert(binary_form=True)
     assert isinstance(der, bytes)
     return der
 
@@ -562,11 +564,6 @@ _CN_ONLY = _cn_only_certificate()
 # --- the bound -------------------------------------------------------------------
 
 
-def _ciphertext_bound(max_write: int) -> int:
-    """The docstring's C: one slice's ciphertext."""
-    return max_write + math.ceil(max_write / TLS_RECORD_SIZE) * TLS_RECORD_OVERHEAD
-
-
 async def _pending_while_peer_stalls(
     pki: dict[str, Path], make_sender: Callable[[Recorder], TLSStream], size: int
 ) -> tuple[int, int]:
@@ -599,7 +596,7 @@ async def test_send_to_a_stalled_peer_holds_one_slice(pki: dict[str, Path], max_
         )
 
     stalled, peak = await _pending_while_peer_stalls(pki, bounded, 10 * MiB)
-    assert 0 < stalled <= peak <= _ciphertext_bound(max_write)
+    assert 0 < stalled <= peak <= ciphertext_size(max_write)
 
 
 async def test_plain_sslstream_holds_the_whole_send(pki: dict[str, Path]) -> None:
@@ -637,9 +634,11 @@ async def _one_read_from_a_fast_peer(
 async def test_read_from_a_fast_peer_pulls_at_most_the_bound(
     pki: dict[str, Path], max_read: int
 ) -> None:
-    """However much the transport has buffered, one read takes at most
-    ``max_read`` per transport call, and leaves behind less than one record
-    plus one transport read; it returns at most min(max_read, 16 KiB)."""
+    """However much the transport has buffered, one read takes at most the
+    ciphertext of ``max_read`` (``ciphertext_size``) per transport call, and
+    leaves behind less than one record plus one transport read; it returns
+    at most max_read, the plaintext of several records when max_read spans
+    several."""
 
     def bounded(recorder: Recorder) -> TLSStream:
         return BoundedTLSStream(
@@ -647,9 +646,66 @@ async def test_read_from_a_fast_peer_pulls_at_most_the_bound(
         )
 
     pulled, largest, returned = await _one_read_from_a_fast_peer(pki, bounded)
-    assert 0 < returned <= min(max_read, TLS_RECORD_SIZE)
-    assert largest <= max_read
-    assert pulled - returned < TLS_RECORD_SIZE + TLS_RECORD_OVERHEAD + max_read
+    assert 0 < returned <= max_read
+    if max_read > TLS_RECORD_SIZE + TLS_RECORD_OVERHEAD:
+        assert returned > TLS_RECORD_SIZE  # more than one record per call
+    assert largest <= ciphertext_size(max_read)
+    assert pulled - returned < TLS_RECORD_SIZE + TLS_RECORD_OVERHEAD + ciphertext_size(max_read)
+
+
+class PeakBIO:
+    """Stands in for a stream's memory BIO and records the most it held
+    (``pending``) before each read and after each write."""
+
+    def __init__(self, bio: ssl.MemoryBIO) -> None:
+        self.bio = bio
+        self.peak = 0
+
+    @property
+    def pending(self) -> int:
+        return self.bio.pending
+
+    def write(self, data: bytes | memoryview) -> int:
+        written = self.bio.write(data)
+        self.peak = max(self.peak, self.bio.pending)
+        return written
+
+    def read(self, size: int = -1) -> bytes:
+        self.peak = max(self.peak, self.bio.pending)
+        return self.bio.read(size)
+
+    def write_eof(self) -> None:
+        self.bio.write_eof()
+
+
+async def test_the_bios_hold_one_record_whatever_the_slice(pki: dict[str, Path]) -> None:
+    """With 1 MiB slices each way, 4 MiB cross byte-exact in few calls,
+    while neither memory BIO (whose peak stays allocated) ever holds more
+    than one record's ciphertext: the slice is the transport's, not the
+    BIOs'."""
+    server_side, client_side = trio.testing.memory_stream_pair()
+    server = BoundedTLSStream(
+        server_side, server_context([_pair(pki, "a")]), server_side=True, max_read=MiB
+    )
+    client = BoundedTLSStream(
+        client_side, _client_ctx(pki), server_hostname="a.example", max_write=MiB
+    )
+    await _handshakes(server, client)
+    outgoing, incoming = PeakBIO(client._outgoing), PeakBIO(server._incoming)
+    client._outgoing, server._incoming = outgoing, incoming  # type: ignore[assignment]
+    payload = bytes(range(256)) * (4 * MiB // 256)
+    reads = 0
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, payload)
+        while len(received) < len(payload):
+            received += await server.receive_some()
+            reads += 1
+    assert received == payload
+    assert reads < 4 * MiB // TLS_RECORD_SIZE  # several records per call
+    record = ciphertext_size(TLS_RECORD_SIZE)
+    assert 0 < outgoing.peak <= record
+    assert 0 < incoming.peak <= record
 
 
 async def test_plain_sslstream_pulls_everything_buffered(pki: dict[str, Path]) -> None:
@@ -811,6 +867,6 @@ async def test_loopback_round_trip(pki: dict[str, Path]) -> None:
         async with trio.open_nursery() as inner:
             inner.start_soon(stream.send_all, payload)
             assert await read_exactly(stream, len(payload)) == payload
-        assert stream.ssl_stream.selected_alpn_protocol() == "http/1.1"
+        assert stream.ssl_object.selected_alpn_protocol() == "http/1.1"
         await stream.aclose()
         nursery.cancel_scope.cancel()

@@ -26,10 +26,10 @@ from trioproxy._tls import (
     TLS_RECORD_OVERHEAD,
     TLS_RECORD_SIZE,
     BoundedTLSStream,
+    ciphertext_size,
     client_context,
     server_context,
 )
-from trioproxy._tls_legs import TLS_MAX_READ
 
 from .helpers import (
     UpstreamPort,
@@ -136,7 +136,9 @@ async def test_a_client_that_reads_nothing_bounds_what_a_tls_upstream_gives(
         await trio.testing.wait_all_tasks_blocked()
         pulled = counted[0].received - before
         records = (pump_bound + len(head)) // TLS_RECORD_SIZE + 2
-        tls_terms = records * TLS_RECORD_OVERHEAD + TLS_RECORD_SIZE + TLS_MAX_READ
+        tls_terms = (
+            records * TLS_RECORD_OVERHEAD + TLS_RECORD_SIZE + ciphertext_size(config.read_size)
+        )
         assert pump_bound <= pulled <= pump_bound + len(head) + tls_terms
         assert meters.response_bodies.held <= pump_bound
 

@@ -5,8 +5,8 @@ Nothing here knows the server: the listener wraps accepted sockets in
 upstream connector calls ``open_tls_upstream`` on a TCP stream it opened with
 ``client_context(...)``. Both legs then look like any other ``trio.abc.Stream``.
 
-Why ``trio.SSLStream`` is not used bare. It keeps two OpenSSL memory BIOs, one
-each way, and three of its habits break our memory bound:
+Why not ``trio.SSLStream``. It keeps two OpenSSL memory BIOs, one each way,
+and three of its habits break our memory bound:
 
 1. ``send_all(data)`` encrypts *all* of ``data`` into the outgoing BIO before
    it sends a byte, so a 10 MiB argument is 10 MiB of ciphertext waiting for
@@ -22,16 +22,24 @@ And a fourth that makes any excess permanent: a memory BIO keeps its peak size
 allocated after it is drained. One oversize call costs its size for the rest
 of the connection. Measured with 200 in-memory connection pairs, each sending
 1 MiB in one ``send_all`` and then idle: a bare ``SSLStream`` pair kept
-2,144 KiB, a ``BoundedTLSStream`` pair 100 KiB at 16 KiB slices and 198 KiB at
-64 KiB, against 53 KiB for pairs that had sent 100 bytes. So
-``BoundedTLSStream`` writes in slices of ``max_write``, never asks for more
-than ``max_read``, and puts a thin adapter under the ``SSLStream`` whose
-``receive_some`` never takes more than ``max_read`` from the transport.
+2,144 KiB, a wrapper that sliced its calls 100 KiB at 16 KiB slices and 198
+KiB at 64 KiB, against 53 KiB for pairs that had sent 100 bytes.
 
-``https_compatible=True`` on both legs. With False, trio raises
-``BrokenResourceError`` when the peer closes TCP without a TLS close_notify, and
-sends a close_notify (which can block on a stalled peer) in ``aclose``. Real
-HTTPS peers routinely skip close_notify (RFC 2818 2.2.2), and HTTP has its own
+Slicing its calls bounds ``SSLStream`` but ties the BIOs' peak to the slice,
+and small slices are slow: every slice is a transport call and trips
+through the scheduler. Measured through the proxy, 16 KiB slices cost 6 s of
+CPU per GiB through TLS termination, 64 KiB slices 4 s.
+So ``BoundedTLSStream`` drives an ``ssl.SSLObject`` itself: it hands the
+BIOs one record (16 KiB) at a time, so their peak is a record whatever the
+call size, and moves a whole slice (``max_write``, ``max_read``: the proxy
+uses its ``read_size``) per transport call and per ``receive_some``. The
+small slice's memory with the large slice's speed; ``BoundedTLSStream`` has
+the terms.
+
+``https_compatible`` semantics on both legs, as trio calls them. Without them,
+an EOF without a TLS close_notify would be an error, and closing would send
+a close_notify (which can block on a stalled peer). Real HTTPS peers
+routinely skip close_notify (RFC 2818 2.2.2), and HTTP has its own
 end-of-message framing: h11 already refuses a Content-Length or chunked body
 that ends early. Only a body delimited by the connection's close cannot be
 told from a truncation, and that is so on plain TCP too. In a tunnel the
@@ -39,8 +47,8 @@ tunnelled protocol (usually TLS again, end to end) protects itself. So an EOF
 with or without close_notify is an EOF, and closing never waits on the peer.
 
 Half-close. A peer's TLS half-close works: after its close_notify we read
-``b""`` and can still send (TLS 1.2 and 1.3 alike). Our own cannot be had:
-trio offers only ``unwrap``, which waits for the peer's reply, and ``aclose``.
+``b""`` and can still send (TLS 1.2 and 1.3 alike). Our own is not offered:
+it would need a close_notify whose answer we must not wait for.
 ``BoundedTLSStream`` is therefore a ``trio.abc.Stream``, not a
 ``HalfCloseableStream``, and a tunnel (``_tunnel``) treats a TLS leg as a sink
 that cannot half-close. See ``BoundedTLSStream`` for what that means.
@@ -63,9 +71,9 @@ import operator
 import os
 import re
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import trio
 
@@ -75,17 +83,17 @@ StrPath: TypeAlias = str | os.PathLike[str]
 
 # RFC 8446 5.1: a TLS record carries at most 2**14 bytes of plaintext, and one
 # SSL read returns at most one record's plaintext (checked: a 64 KiB read of a
-# 200 KB transfer returns 16,384 bytes, TLS 1.2 and 1.3).
+# 200 KB transfer returns 16,384 bytes, TLS 1.2 and 1.3). Writes of at most
+# this much make one record each.
 TLS_RECORD_SIZE = 16 * 1024
 # RFC 8446 5.2: a TLS 1.3 record adds at most 256 bytes (header, content type,
 # tag, padding). The TLS 1.2 suites OpenSSL offers stay under it: AES-GCM adds
 # 29 bytes, CBC with SHA-384 at most 5 + 16 + 48 + 16 = 85.
 TLS_RECORD_OVERHEAD = 256
-# The defaults: one record per write, one record per read, memory first.
-# Larger slices cost less CPU per byte (measured over loopback, both ends in
-# one process: 64 KiB moved about twice the bytes per second of 16 KiB, as
-# fast as a bare SSLStream), and their size stays allocated in the BIOs for
-# the connection's life (see the module comment). Callers pass their own.
+# The defaults: a record per transport call. The BIOs see a record at a time
+# whatever the slice (module comment), so a larger slice costs memory only
+# while data moves and buys CPU: callers pass their own (the proxy: its
+# read_size, see _tls_legs).
 DEFAULT_MAX_WRITE = TLS_RECORD_SIZE
 DEFAULT_MAX_READ = TLS_RECORD_SIZE
 
@@ -375,35 +383,55 @@ def _elements(der: bytes, pos: int, end: int) -> Iterator[_Element]:
 # --- the bounded stream ---------------------------------------------------------
 
 
+def ciphertext_size(plaintext: int) -> int:
+    """The most ciphertext ``plaintext`` bytes can take, in records of 16 KiB."""
+    return plaintext + -(-plaintext // TLS_RECORD_SIZE) * TLS_RECORD_OVERHEAD
+
+
 class BoundedTLSStream(trio.abc.Stream):
-    """A ``trio.SSLStream`` whose every read and write has a size limit.
+    """TLS over ``transport_stream`` with a stated bound on every buffer.
 
-    ``send_all`` encrypts and sends at most ``max_write`` bytes at a time;
-    ``receive_some`` asks OpenSSL for at most ``max_read`` bytes; the
-    ``SSLStream`` reads at most ``max_read`` bytes per call from the transport.
-    ``https_compatible`` is always on (see the module comment).
+    A ``trio.abc.Stream`` driving an ``ssl.SSLObject`` over two memory BIOs
+    (see the module comment for why not ``trio.SSLStream``):
 
-    Memory: per stream, with ``W = max_write``, ``R = max_read`` and records of
-    at most 16 KiB plaintext + 256 B framing (``TLS_RECORD_*``), besides the
-    plaintext chunks themselves (the caller's, already in the relay's bound):
+    * ``send_all`` takes ``max_write`` bytes of plaintext at a time, encrypts
+      them one record (16 KiB) at a time, reading each record's ciphertext
+      out of the outgoing BIO at once, and sends the slice's records in one
+      transport write;
+    * ``receive_some`` reads the transport (at most the ciphertext of
+      ``max_read``, ``ciphertext_size``) only when no whole record is
+      waiting, feeds the incoming BIO one record's worth at a time, and
+      returns the plaintext of as many records as fit in ``min(max_bytes,
+      max_read)`` without waiting for more;
+    * ``https_compatible`` semantics (module comment): an EOF with or without
+      close_notify is an EOF, and ``aclose`` never sends close_notify.
 
-    * sending: the plaintext slice is a view of the caller's buffer (no copy);
-      its ciphertext, ``C = W + ceil(W / 16 KiB) * 256 B``, is held twice at
-      the peak (in the outgoing BIO, and trio's copy of it on its way to the
-      transport) until the transport takes it;
-    * receiving: less than one record (16.25 KiB) waiting in the incoming BIO,
-      plus one transport read of at most ``R``, held twice for a moment
-      (trio's bytes and the BIO's copy);
-    * the BIOs keep their peak size allocated for the connection's life:
-      ``C`` outgoing and ``16.25 KiB + R`` incoming.
+    Memory: per stream, with ``W = max_write``, ``R = max_read`` and records
+    of at most 16 KiB plaintext + 256 B framing (``TLS_RECORD_*``), besides
+    the plaintext the caller hands in or gets back:
 
-    With the defaults (``W = R = 16 KiB``): sending 2 x 16.25 = 32.5 KiB,
-    receiving 16.25 + 2 x 16 = 48.25 KiB, at most 80.75 KiB in all, of which
-    48.5 KiB stays allocated while the connection idles. With ``W = R = 64
-    KiB``: 2 x 65 + 16.25 + 2 x 64 = 274.25 KiB, 145.25 KiB idle. Not counted:
-    OpenSSL's own per-connection state (keys, record buffers, the peer's
-    certificate), the same whatever the traffic; ``scripts/measure_overhead.py``
-    measures it.
+    * the BIOs keep their peak size for the connection's life (module
+      comment), and that peak is now the record, not the call: at most one
+      record in the outgoing BIO (16.25 KiB) and one record's worth fed into
+      the incoming BIO (16.25 KiB), 32.5 KiB in all, whatever ``W`` and ``R``;
+    * sending: one slice's ciphertext, ``C = W + ceil(W / 16 KiB) * 256 B``,
+      held twice at the peak (the records and their join), then once until
+      the transport takes it;
+    * receiving: one transport read of at most ``C(R)`` bytes (the
+      ciphertext of ``R``), fed to the BIO a record at a time and released
+      once fed; the plaintext returned (at most ``R``) is the caller's.
+
+    With ``W = R = 64 KiB`` (what the proxy uses: its ``read_size``): at most
+    32.5 + 2 x 65 + 65 = 227.5 KiB while data moves, of which 32.5 KiB stays
+    allocated when the connection idles, and 65 KiB (one slice of
+    ciphertext) while a slow peer stalls a send. Not counted: OpenSSL's own
+    per-connection state (keys, its record buffers, the peer's certificate);
+    ``scripts/measure_overhead.py`` measures it.
+
+    Concurrency: one task may send while another receives (a tunnel does);
+    a second concurrent sender, or receiver, gets ``trio.BusyResourceError``.
+    The transport is written under one lock: a receive may have to answer
+    (the handshake, a TLS 1.3 key update).
 
     EOF and tunnels: ``receive_some`` returns ``b""`` when the peer ends the
     TLS session (close_notify) or just closes TCP. There is no ``send_eof``.
@@ -412,14 +440,19 @@ class BoundedTLSStream(trio.abc.Stream):
     * EOF *from* the TLS leg is passed on as ``send_eof`` to the other leg
       when that leg can half-close (plain TCP). After a close_notify the TLS
       leg stays writable and the other direction keeps flowing. After a bare
-      TCP close trio marks the ``SSLStream`` broken, so the next write towards
-      the TLS leg fails and the tunnel ends with a stream error (a peer that
-      closed TCP has usually gone entirely).
+      TCP close the stream is broken (as ``trio.SSLStream`` marks it), so the
+      next write towards the TLS leg fails and the tunnel ends with a stream
+      error (a peer that closed TCP has usually gone entirely).
     * EOF from the other leg *towards* the TLS leg is not passed on: the TLS
       peer sees nothing, that direction just ends, and the tunnel closes both
       legs once the TLS leg's own direction ends too (its peer closes) or the
       caller's idle timeout fires. A TLS peer that waits for EOF before it
       answers therefore waits for that timeout.
+
+    Error handling: a TLS failure (handshake, a bad record) raises
+    ``trio.BrokenResourceError`` whose ``__cause__`` is the ``ssl.SSLError``,
+    as ``trio.SSLStream`` does; the transport's errors pass through. Either,
+    or a cancelled send, leaves the stream broken: sends fail from then on.
 
     Args:
         transport_stream: the stream to run TLS over (usually a
@@ -427,14 +460,14 @@ class BoundedTLSStream(trio.abc.Stream):
         ssl_context: from ``server_context`` or ``client_context``.
         server_side: True on the listener's side.
         server_hostname: the SNI and the name checked (client side).
-        max_write: the largest slice encrypted at once, at least 1.
+        max_write: the most plaintext encrypted per transport write, at least 1.
         max_read: the largest read from the transport and the most plaintext
             returned per call, at least 1.
 
     Attributes:
-        ssl_stream: the ``trio.SSLStream`` underneath, for ``cipher()``,
-            ``version()``, ``selected_alpn_protocol()``, ``getpeercert()``.
-            Do not read from or write to it directly.
+        ssl_object: the ``ssl.SSLObject``, for ``cipher()``, ``version()``,
+            ``selected_alpn_protocol()``, ``getpeercert()``. Do not read from
+            or write to it directly.
         transport_stream: the transport passed in.
     """
 
@@ -451,73 +484,273 @@ class BoundedTLSStream(trio.abc.Stream):
         if max_write < 1 or max_read < 1:
             raise ValueError(f"max_write and max_read must be at least 1: {max_write}, {max_read}")
         self.transport_stream = transport_stream
-        self.ssl_stream = trio.SSLStream(
-            _CappedReceive(transport_stream, max_read),
-            ssl_context,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            https_compatible=True,
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = ssl_context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
         self._max_write = max_write
         self._max_read = max_read
+        self._max_read_ciphertext = ciphertext_size(max_read)
+        self._unfed = _NOTHING  # transport bytes not yet in the incoming BIO
+        self._delayed = b""  # a TLS 1.3 server's session tickets (do_handshake)
+        self._transport_eof = False
+        self._eof_fed = False
+        self._handshake_done = False
+        self._handshake_lock = trio.Lock()
+        self._transport_send_lock = trio.StrictFIFOLock()
+        self._sending = _Busy("another task is sending on this TLS stream")
+        self._receiving = _Busy("another task is receiving on this TLS stream")
+        self._state = "open"  # open, broken (sends fail), closed
+        self._eof = False  # receives return b"" from now on
 
     async def do_handshake(self) -> None:
         """Complete the handshake now (the first read or write would anyway).
 
         The deadline is the caller's: wrap it in ``trio.fail_after``.
         """
-        await self.ssl_stream.do_handshake()
+        self._check_usable()
+        async with self._handshake_lock:
+            if self._handshake_done:
+                await trio.lowlevel.checkpoint()
+                return
+            try:
+                while self._tls_step(self.ssl_object.do_handshake) is _WANT_READ:
+                    await self._flush()
+                    await self._fill()
+                if self.ssl_object.server_side and self.ssl_object.version() == "TLSv1.3":
+                    # OpenSSL writes the session tickets at the end of a TLS
+                    # 1.3 server handshake; sent now, they could block on a
+                    # client that only sends (as trio.SSLStream found, its
+                    # issue 819). They go with our first data.
+                    self._delayed = self._outgoing.read()
+                await self._flush()
+            except BaseException:
+                self._break()
+                raise
+            self._handshake_done = True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send ``data``, ``max_write`` bytes at a time.
+        """Encrypt and send ``data``, ``max_write`` bytes per transport write."""
+        with self._sending:
+            self._check_sendable()
+            if not self._handshake_done:
+                await self.do_handshake()
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            try:
+                for start in range(0, len(view), self._max_write):
+                    await self._send_slice(view[start : start + self._max_write])
+            except BaseException:  # part of a record may have gone: no more sends
+                self._break()
+                raise
 
-        A second task calling ``send_all`` meanwhile gets ``BusyResourceError``
-        from the SSLStream: every await here is inside one of its ``send_all``
-        calls, so another task never runs between two slices.
-        """
-        view = memoryview(data).cast("B")
-        if not view:
-            await self.ssl_stream.send_all(b"")  # a checkpoint, and the state checks
-        for start in range(0, len(view), self._max_write):
-            await self.ssl_stream.send_all(view[start : start + self._max_write])
+    async def _send_slice(self, plaintext: memoryview) -> None:
+        # Encrypting under the lock keeps the order of the records with what
+        # a receive sends (a key update). The lock is nearly always free:
+        # take it without the scheduler round trip that ``async with`` costs
+        # (the transport's send_all is this call's checkpoint).
+        lock = self._transport_send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            ciphertext = self._encrypt(plaintext)
+            if self._delayed:
+                ciphertext, self._delayed = self._delayed + ciphertext, b""
+            await self.transport_stream.send_all(ciphertext)
+        finally:
+            lock.release()
+
+    def _encrypt(self, plaintext: memoryview) -> bytes:
+        """The records of ``plaintext`` (and anything the outgoing BIO held
+        before them), one record at a time through the BIO."""
+        records = []
+        for start in range(0, len(plaintext), TLS_RECORD_SIZE):
+            self._tls_step(self.ssl_object.write, plaintext[start : start + TLS_RECORD_SIZE])
+            records.append(self._outgoing.read())
+        return records[0] if len(records) == 1 else b"".join(records)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.ssl_stream.wait_send_all_might_not_block()
+        with self._sending:
+            self._check_sendable()
+            await self.transport_stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Up to ``min(max_bytes, max_read)`` bytes of plaintext; ``b""`` at EOF."""
-        limit = (
-            self._max_read if max_bytes is None else min(operator.index(max_bytes), self._max_read)
-        )
-        return await self.ssl_stream.receive_some(limit)
+        limit = self._max_read if max_bytes is None else operator.index(max_bytes)
+        if limit < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {limit}")
+        limit = min(limit, self._max_read)
+        with self._receiving:
+            self._check_usable()
+            if not self._handshake_done:
+                await self.do_handshake()
+            waited = False
+            while not self._eof:
+                data = self._decrypt(limit)
+                if data or self._eof:
+                    break
+                await self._flush()  # what reading produced (a key update's answer)
+                await self._fill()
+                waited = True
+            else:
+                data = b""
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            return data
+
+    def _decrypt(self, limit: int) -> bytes | bytearray:
+        """The plaintext of the whole records waiting, at most ``limit``
+        bytes; b"" if more must be read from the transport (or at the end of
+        the session). The first record comes as its own bytes; when more fit,
+        they are read into one buffer (no join)."""
+        first: bytes = self._read_record(min(limit, TLS_RECORD_SIZE))
+        if not first or len(first) >= limit:
+            return first
+        buffer = bytearray(limit)
+        view = memoryview(buffer)
+        view[: len(first)] = first
+        size = len(first)
+        while size < limit:
+            got = self._read_record(min(limit - size, TLS_RECORD_SIZE), view[size:])
+            if not got:
+                break
+            assert isinstance(got, int)
+            size += got
+        view.release()
+        del buffer[size:]
+        return buffer
+
+    def _read_record(self, size: int, into: memoryview | None = None) -> Any:
+        """One record's plaintext (at most ``size`` bytes, into ``into`` if
+        given: then its length): feeds the incoming BIO first, so that it
+        holds one record's worth, then reads; a falsy result when no whole
+        record is there, or at the end of the session (``self._eof``)."""
+        wanted = TLS_RECORD_SIZE + TLS_RECORD_OVERHEAD
+        while True:
+            if self._incoming.pending < wanted:
+                self._feed(wanted - self._incoming.pending)
+            args = (size,) if into is None else (size, into)
+            try:
+                got = self._tls_step(self.ssl_object.read, *args)
+            except _Eof as eof:
+                self._eof = True
+                if eof.unclean:
+                    self._state = "broken"  # as trio.SSLStream: only closing is left
+                return b""
+            if got is not _WANT_READ:
+                if not got:  # the peer's close_notify (ssl says b"" rather than raise)
+                    self._eof = True
+                return got
+            if not self._feed(wanted):
+                return b""
+
+    def _feed(self, size: int) -> bool:
+        """Move up to ``size`` transport bytes into the incoming BIO, or the
+        EOF once all are in; False when there is nothing to move."""
+        if self._unfed:
+            if size <= 0:
+                return False
+            piece = self._unfed[:size]
+            self._incoming.write(piece)
+            rest = self._unfed[len(piece) :]
+            self._unfed = rest if rest else _NOTHING  # keep no view of a spent read
+            return True
+        if self._transport_eof and not self._eof_fed:
+            self._incoming.write_eof()
+            self._eof_fed = True
+            return True
+        return False
+
+    async def _fill(self) -> None:
+        """Read the transport once: at most the ciphertext of ``max_read``
+        bytes of plaintext, so that one peer write of ``max_read`` comes in
+        one read, not a full read and a sliver."""
+        if not self._transport_eof:
+            data = await self.transport_stream.receive_some(self._max_read_ciphertext)
+            if data:
+                self._unfed = memoryview(data)
+            else:
+                self._transport_eof = True
+        self._feed(TLS_RECORD_SIZE + TLS_RECORD_OVERHEAD - self._incoming.pending)
+
+    async def _flush(self) -> None:
+        """Send whatever the TLS object put in the outgoing BIO."""
+        if self._outgoing.pending:
+            async with self._transport_send_lock:
+                if self._outgoing.pending:
+                    await self.transport_stream.send_all(self._outgoing.read())
+
+    def _tls_step(self, operation: Callable[..., object], *args: object) -> object:
+        """Run one SSLObject call: its result, or _WANT_READ when it needs
+        more bytes from the peer. Raises _Eof at the end of the session, and
+        BrokenResourceError (the SSLError as cause) on any TLS failure."""
+        try:
+            return operation(*args)
+        except ssl.SSLWantReadError:
+            return _WANT_READ
+        except ssl.SSLZeroReturnError:
+            raise _Eof(unclean=False) from None
+        except ssl.SSLEOFError as exc:
+            if self._handshake_done:
+                raise _Eof(unclean=True) from None
+            self._break()
+            raise trio.BrokenResourceError from exc
+        except ssl.SSLError as exc:
+            self._break()
+            raise trio.BrokenResourceError from exc
+
+    def _break(self) -> None:
+        if self._state == "open":
+            self._state = "broken"
+
+    def _check_usable(self) -> None:
+        if self._state == "closed":
+            raise trio.ClosedResourceError
+        if self._state == "broken" and not self._eof:
+            raise trio.BrokenResourceError
+
+    def _check_sendable(self) -> None:
+        if self._state == "closed":
+            raise trio.ClosedResourceError
+        if self._state == "broken":
+            raise trio.BrokenResourceError
 
     async def aclose(self) -> None:
         """Close the transport (no close_notify: ``https_compatible``)."""
-        await self.ssl_stream.aclose()
+        self._state = "closed"
+        await self.transport_stream.aclose()
 
 
-class _CappedReceive(trio.abc.Stream):
-    """The transport as the SSLStream sees it: no read takes more than ``max_read``."""
-
-    def __init__(self, stream: trio.abc.Stream, max_read: int) -> None:
-        self._stream = stream
-        self._max_read = max_read
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._stream.receive_some(_capped(max_bytes, self._max_read))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+_WANT_READ = object()
+_NOTHING = memoryview(b"")
 
 
-def _capped(max_bytes: int | None, cap: int) -> int:
-    return cap if max_bytes is None else min(operator.index(max_bytes), cap)
+class _Eof(Exception):
+    """The TLS session ended: close_notify (clean) or a bare TCP close."""
+
+    def __init__(self, *, unclean: bool) -> None:
+        self.unclean = unclean
+
+
+class _Busy:
+    """Refuses a second task in a block meant for one at a time."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held = False
 
 
 # --- the upstream handshake and its failures ---------------------------------------
@@ -571,7 +804,7 @@ async def open_tls_upstream(
             max_write=max_write,
             max_read=max_read,
         )
-    except UnicodeError as exc:  # trio IDNA-encodes the name
+    except UnicodeError as exc:  # ssl IDNA-encodes the name (a label over 63 octets...)
         await trio.aclose_forcefully(transport_stream)
         raise BadGateway(f"TLS to {host}:{port} failed: invalid server name {name!r}") from exc
     done = False
