@@ -56,7 +56,7 @@ LAYERS = {
     "_cli": 12,
     "_configfile": 3,
     "_front": 3,
-    "_health": 7,
+    "_health": 8,
     "_reload": 9,
     "_configdoc": 3,
 }
