@@ -10,6 +10,7 @@ durations.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -437,3 +438,44 @@ async def test_a_worker_that_does_not_stop_is_killed_after_the_shutdown_timeout(
             rest = await proxy.stderr.rest()
         assert f"(pid {stuck}) is still running: killing it" in rest
         assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 were both free a moment ago."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def scrape_pid(port: int) -> int:
+    """The ``pid`` in ``/debug/memory`` on 127.0.0.1:``port``."""
+    with trio.fail_after(PROMPTLY):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET /debug/memory HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some():
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    pid: int = json.loads(body)["pid"]
+    return pid
+
+
+async def test_each_worker_serves_metrics_on_its_own_port() -> None:
+    """``--workers 2 --metrics HOST:P``: the workers start (none fails to bind
+    the metrics port), and worker ``i`` answers ``/debug/memory`` on ``P + i``,
+    each with its own pid."""
+    base = two_free_ports()
+    async with supervisor_process("--access-log", "off", "--metrics", f"127.0.0.1:{base}") as proxy:
+        pids = {await scrape_pid(base), await scrape_pid(base + 1)}
+        assert pids == proxy.worker_pids()
