@@ -114,6 +114,19 @@ def test_worker_link_comes_from_the_environment() -> None:
     assert link == WorkerLink(index=1, fd=5)
 
 
+def test_worker_config_shares_the_port_and_shifts_the_metrics_port() -> None:
+    """A worker listens with SO_REUSEPORT, and on the metrics port + its index;
+    a metrics port of 0 stays 0, and no metrics stays none."""
+    link = WorkerLink(index=1, fd=5)
+    config = link.worker_config(ProxyConfig(metrics_listen=("127.0.0.1", 9100)))
+    assert config.reuse_port
+    assert config.metrics_listen == ("127.0.0.1", 9101)
+    assert WorkerLink(index=0, fd=5).worker_config(config).metrics_listen == ("127.0.0.1", 9101)
+    any_port = link.worker_config(ProxyConfig(metrics_listen=("127.0.0.1", 0)))
+    assert any_port.metrics_listen == ("127.0.0.1", 0)
+    assert link.worker_config(ProxyConfig()).metrics_listen is None
+
+
 @pytest.mark.parametrize("count", [0, -1, 1025])
 def test_config_refuses_a_worker_count_out_of_range(count: int) -> None:
     """The count is validated where every other value is."""

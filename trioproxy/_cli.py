@@ -15,7 +15,6 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
-import attrs
 import trio
 
 from ._accesslog import JsonFormatter, access_logger
@@ -226,7 +225,8 @@ def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_listen,
         default=None,
         metavar="HOST:PORT",
-        help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+        help="serve Prometheus /metrics and /debug/memory (JSON) on this address; "
+        "with --workers N, worker i serves them on PORT + i",
     )
     parser.add_argument(
         "--no-splice",
@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if worker is None:
         _check_open_file_limit(config)  # once: workers inherit the raised limit
     else:
-        config = attrs.evolve(config, reuse_port=True)
+        config = worker.worker_config(config)
     try:
         if config.workers > 1:
             trio.run(supervise, config, sys.argv[1:] if argv is None else argv)
