@@ -15,7 +15,8 @@ The endpoint (``serve_metrics``, enabled by ``--metrics HOST:PORT``) answers:
 * ``GET /debug/memory``: JSON tying the process RSS to the payload bytes
   buffered right now and to the configured ceiling, ``baseline RSS + budget
   + per-connection overhead x connections + per-exchange overhead x
-  exchanges`` (docs/memory.md).
+  exchanges`` (docs/memory.md), with the process's pid and its number of
+  live trio tasks.
 
 psutil is imported on the first scrape, not at startup: it is only needed
 when metrics are on.
@@ -305,5 +306,9 @@ def _route(
     if path == b"/debug/memory":
         report = memory_report(meters, rss=process_rss(), baseline_rss=baseline_rss)
         report["pid"] = os.getpid()
+        # Tasks alive in this process now (the scrape's own included): with
+        # connections and fds, what must come back to its idle count after a
+        # load (scripts/soak.py watches it).
+        report["tasks_living"] = trio.lowlevel.current_statistics().tasks_living
         return 200, b"application/json", json.dumps(report, indent=2).encode() + b"\n"
     return 404, b"text/plain", b"try /metrics or /debug/memory\n"
