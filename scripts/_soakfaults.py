@@ -54,6 +54,9 @@ async def emfile_burst(soak: Soak) -> None:
             sockets.append(sock)
             await sock.connect(soak.setup.proxy)
         record.connections = len(sockets)
+        # The workers cannot be scraped while out of descriptors; what they
+        # accepted is at most what their descriptor limit allows.
+        soak.watcher.saw_connections(min(len(sockets), soak.config.workers * soak.args.nofile))
         with trio.move_on_after(EMFILE_WAIT):
             while soak.proxy_log.emfile_lines == before:  # noqa: ASYNC110 - a log, no event
                 await trio.sleep(0.1)

@@ -11,6 +11,13 @@
 #            + per-connection overhead x open client connections
 #            + per-exchange overhead x exchanges in progress (upstream connections)
 #
+# The connection terms use the most connections seen so far, not those open at
+# the moment: the heap keeps its high-water mark until the proxy is idle and its
+# trimmer gives memory back (docs/memory.md, "After a load"), so a moment after
+# many connections closed, RSS is still what they needed. (Compared with the
+# connections of the moment, a soak with a 4 MiB budget saw RSS 0.2-0.9 MiB
+# above the ceiling in the seconds after connections closed.)
+#
 # A scrape that does not answer within SCRAPE_TIMEOUT (a worker being restarted,
 # or out of descriptors in the EMFILE fault) leaves that worker's figures at
 # their last values for the ceiling, and None in the sample.
@@ -132,6 +139,8 @@ class Watcher:
     budget: int
     idle_rss: int | None = None
     samples: list[Sample] = attrs.Factory(list)
+    peak_clients: int = 0
+    peak_upstreams: int = 0
     _last: dict[int, WorkerFigures] = attrs.Factory(dict)
     started: float = attrs.field(factory=trio.current_time)
 
@@ -149,6 +158,11 @@ class Watcher:
                 self._last[port] = worker
         return figures
 
+    def saw_connections(self, clients: int) -> None:
+        """Count ``clients`` client connections in the high-water mark, when
+        the workers cannot say (the EMFILE burst: they cannot be scraped)."""
+        self.peak_clients = max(self.peak_clients, clients)
+
     def ceiling(self, client_connections: int, upstream_connections: int) -> int | None:
         if self.idle_rss is None:
             return None
@@ -164,10 +178,11 @@ class Watcher:
         rss, fds = tree_totals(self.pid)
         known = [worker for worker in figures if worker is not None]
         complete = len(known) == len(figures)
-        # For the ceiling, a worker that did not answer counts as it last did.
+        # For the ceiling, a worker that did not answer counts as it last did,
+        # and the connections are the most seen so far (see the module comment).
         latest = list(self._last.values())
-        clients = sum(worker.client_connections for worker in latest)
-        upstreams = sum(worker.upstream_connections for worker in latest)
+        self.peak_clients = max(self.peak_clients, sum(w.client_connections for w in latest))
+        self.peak_upstreams = max(self.peak_upstreams, sum(w.upstream_connections for w in latest))
         previous = self.samples[-1] if self.samples else None
         now = trio.current_time() - self.started
         rate = 0.0
@@ -178,7 +193,7 @@ class Watcher:
             phase=phase,
             rss=rss,
             fds=fds,
-            ceiling=self.ceiling(clients, upstreams),
+            ceiling=self.ceiling(self.peak_clients, self.peak_upstreams),
             client_connections=sum(w.client_connections for w in known) if complete else None,
             upstream_connections=sum(w.upstream_connections for w in known) if complete else None,
             buffered=sum(w.buffered for w in known) if complete else None,

@@ -86,12 +86,13 @@ SOAK_PROXY_ARGS = [
     *("--stall-timeout", "2", "--upstream-timeout", "2"),
     *("--header-timeout", "3", "--idle-timeout", "5", "--connect-timeout", "5"),
     *("--shutdown-timeout", "10"),
-    *("--max-buffer-memory", "16MiB"),
+    *("--max-buffer-memory", "4MiB"),
 ]
 """Short timeouts, so that every fault (a stalled origin, a slowloris head, a
 stalled reader) resolves in seconds and a soak of minutes sees hundreds; a
-16 MiB budget per worker, so the ceiling is near enough to RSS to mean something
-and readers do queue for the budget under load."""
+4 MiB budget per worker, which the default 16 lanes fill (readers queue for
+it), so that the ceiling is a few MiB above idle and means something (with
+16 MiB, at most 4 MiB of it was ever used, and the ceiling was 12 MiB loose)."""
 
 FAULTS = ("emfile", "kill", "sigterm")
 IDLE_SAMPLES = 3
@@ -139,6 +140,8 @@ async def run_load(soak: Soak, seconds: float) -> None:
             nursery.start_soon(at, begin + EMFILE_AT * seconds, emfile_burst, soak)
         if "kill" in soak.args.faults and soak.config.workers > 1:
             nursery.start_soon(at, begin + KILL_AT * seconds, kill_worker, soak)
+        elif "kill" in soak.args.faults:
+            soak.event("no kill -9: it needs --workers 2 or more")
         await trio.sleep_until(soak.load_end)
         soak.phase = "finishing"
         soak.event("load ends; waiting for the exchanges in flight", "load ends")
