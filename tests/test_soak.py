@@ -1,6 +1,6 @@
 """The soak (scripts/soak.py, issue 15): a short real run, and its verdicts.
 
-``test_short_soak`` runs the real program, as a user would, for 15 seconds of
+``test_short_soak`` runs the real program, as a user would, for 10 seconds of
 load in each mode with ``--workers 2`` and every process fault, with small
 sizes; its lanes are seeded, so the same scenarios run every time, and every
 kind runs at least once. It asserts no failure, RSS never above its ceiling,
@@ -42,14 +42,14 @@ LAST_LINE = re.compile(
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 async def test_short_soak(mode: str, tmp_path: Path) -> None:
-    """15 s of the mixed load with --workers 2, EMFILE, kill -9 and SIGTERM:
+    """10 s of the mixed load with --workers 2, EMFILE, kill -9 and SIGTERM:
     exit 0, no failure, every kind run, RSS within its ceiling, descriptors
     and tasks back at idle, each fault seen to happen."""
     report = tmp_path / "soak.json"
     argv = [
         sys.executable,
         str(SCRIPTS / "soak.py"),
-        *("--seconds", "15", "--mode", mode, "--max-size", "1MiB"),
+        *("--seconds", "10", "--mode", mode, "--max-size", "1MiB"),
         *("--proxy-args", "--workers 2", "--json", str(report)),
     ]
     with trio.fail_after(RUN_LIMIT):
