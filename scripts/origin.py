@@ -13,7 +13,8 @@
 #   GET /small          1 KiB of payload (request-rate benchmarks)
 #   POST|PUT /upload    reads the body, optionally at ?rate=BYTES_PER_S with a small
 #                       receive buffer (so a slow upstream reader backs up into the
-#                       proxy), answers {"bytes": n, "sha256": hex, "pattern_ok": bool}
+#                       proxy; ?rcvbuf=BYTES sets its size), answers
+#                       {"bytes": n, "sha256": hex, "pattern_ok": bool}
 #
 # Content is a function of the byte offset only; verify with
 # _stresskit.PatternVerifier or compare a SHA-256 with expected_sha256(n).
@@ -21,11 +22,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import socket
 import sys
 import traceback
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -49,7 +52,9 @@ READ_SIZE = 64 * 1024
 
 SLOW_RCVBUF = 16 * 1024
 """Receive buffer for a rate-limited upload: small, so that when we read slowly the
-sender's (the proxy's) send buffer fills soon and its backpressure path is exercised."""
+sender's (the proxy's) send buffer fills soon and its backpressure path is exercised.
+Below one loopback MSS (~64 KiB) it makes TCP's silly-window avoidance crawl on a
+keep-alive connection reused afterwards (the soak asks for ?rcvbuf=128KiB)."""
 
 SMALL_SIZE = 1024
 MAX_BODY = 1 << 40
@@ -125,10 +130,11 @@ async def _serve_upload(
     stream: trio.SocketStream, conn: h11.Connection, query: dict[str, list[str]]
 ) -> None:
     rate = _parse_n(query["rate"][0]) if "rate" in query else None
+    rcvbuf = _parse_n(query["rcvbuf"][0]) if "rcvbuf" in query else SLOW_RCVBUF
     pacer = None
     if rate:
         # Small reads and a small receive window make slowness visible upstream.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         pacer = Pacer(rate, burst=min(READ_SIZE, max(1024, rate // 20)))
     if conn.they_are_waiting_for_100_continue:
         await _send(stream, conn, h11.InformationalResponse(status_code=100, headers=[]))
@@ -181,7 +187,12 @@ async def _route(stream: trio.SocketStream, conn: h11.Connection, request: h11.R
         raise _Reply(404, f"no route for {url.path}")
 
 
-async def _handle_connection(stream: trio.SocketStream) -> None:
+Route = Callable[[trio.SocketStream, h11.Connection, h11.Request], Awaitable[None]]
+"""Answers one request. It may leave h11's state short of DONE (a raw reply, a
+switched protocol): the connection then closes after it."""
+
+
+async def _handle_connection(stream: trio.SocketStream, route: Route) -> None:
     """Serve requests on one connection until either side closes it."""
     conn = h11.Connection(h11.SERVER)
     while True:
@@ -191,7 +202,7 @@ async def _handle_connection(stream: trio.SocketStream) -> None:
         if not isinstance(event, h11.Request):
             raise _Reply(400, f"expected a request, got {type(event).__name__}")
         try:
-            await _route(stream, conn, event)
+            await route(stream, conn, event)
         except _Reply as reply:
             if conn.our_state is not h11.SEND_RESPONSE:
                 raise
@@ -202,8 +213,9 @@ async def _handle_connection(stream: trio.SocketStream) -> None:
         conn.start_next_cycle()
 
 
-async def handle_connection(stream: trio.SocketStream) -> None:
-    """Connection handler for trio.serve_tcp.
+async def handle_connection(stream: trio.SocketStream, route: Route = _route) -> None:
+    """Connection handler for trio.serve_tcp; ``route`` answers each request
+    (scripts/chaos_origin.py passes its own).
 
     Error handling: a client that goes away or speaks bad HTTP ends only its own
     connection, quietly; anything unexpected is printed with its traceback and the
@@ -211,7 +223,7 @@ async def handle_connection(stream: trio.SocketStream) -> None:
     """
     async with stream:
         try:
-            await _handle_connection(stream)
+            await _handle_connection(stream, route)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         except _Reply:
@@ -224,30 +236,39 @@ async def serve_origin(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    route: Route = _route,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the origin on host:port until cancelled.
+    """Serve the origin on host:port until cancelled (``route`` answers each
+    request: this module's routes, or scripts/chaos_origin.py's).
 
     Reports the bound listeners through task_status (use port 0 and read
     listeners[0].socket.getsockname() for the port).
     """
-    await trio.serve_tcp(handle_connection, port, host=host, task_status=task_status)
+    handler = functools.partial(handle_connection, route=route)
+    await trio.serve_tcp(handler, port, host=host, task_status=task_status)
 
 
-async def _serve_and_announce(host: str, port: int) -> None:
+async def _serve_and_announce(host: str, port: int, route: Route, name: str) -> None:
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_origin, host, port)
+        listeners = await nursery.start(functools.partial(serve_origin, host, port, route=route))
         bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        print(f"origin listening on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        print(f"{name} listening on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="stress-suite origin server")
+def main(
+    argv: list[str] | None = None,
+    *,
+    route: Route = _route,
+    name: str = "origin",
+    description: str = "stress-suite origin server",
+) -> None:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
     try:
-        trio.run(_serve_and_announce, host, port)
+        trio.run(_serve_and_announce, host, port, route, name)
     except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
         pass
 

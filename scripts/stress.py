@@ -39,7 +39,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,30 +198,58 @@ async def _read_ready_line(name: str, stream: trio.abc.ReceiveStream) -> tuple[s
             _log(f"[{name}] {text}")
 
 
-async def _forward_stderr(name: str, stream: trio.abc.ReceiveStream, pending: bytes) -> None:
-    """Copy the rest of a child's stderr to ours, line by line, with its name."""
+LineHook = Callable[[str], bool]
+"""Sees each stderr line of a child after its 'listening on' line; returns
+whether the line should still be copied to our stderr."""
+
+
+async def _forward_stderr(
+    name: str, stream: trio.abc.ReceiveStream, pending: bytes, on_line: LineHook | None
+) -> None:
+    """Copy the rest of a child's stderr to ours, line by line, with its name
+    (the lines ``on_line`` lets through, if given)."""
+
+    def forward(line: bytes) -> None:
+        text = line.decode(errors="replace")
+        if on_line is None or on_line(text):
+            _log(f"[{name}] {text}")
+
     buffer = pending
     async with stream:
         while chunk := await stream.receive_some():
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                _log(f"[{name}] {line.decode(errors='replace')}")
+                forward(line)
     if buffer:
-        _log(f"[{name}] {buffer.decode(errors='replace')}")
+        forward(buffer)
 
 
 async def start_child(
-    nursery: trio.Nursery, name: str, argv: list[str], env: dict[str, str] | None = None
+    nursery: trio.Nursery,
+    name: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    on_line: LineHook | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Child:
     """Start argv, wait for its 'listening on' line, forward its stderr.
+
+    ``on_line`` sees every later line of its stderr (see LineHook);
+    ``preexec_fn`` runs in the child before it executes argv (as for Popen).
 
     Resource handling: on any failure before the child is announced, the child is
     stopped here; afterwards the caller owns it and must call stop_child.
     """
     _log(f"starting {name}: {shlex.join(argv)}")
     process = await trio.lowlevel.open_process(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=preexec_fn,
     )
     assert process.stderr is not None
     try:
@@ -230,7 +258,7 @@ async def start_child(
     except BaseException:
         await _stop_process(process)
         raise
-    nursery.start_soon(_forward_stderr, name, process.stderr, pending)
+    nursery.start_soon(_forward_stderr, name, process.stderr, pending, on_line)
     return Child(name, process, url)
 
 

@@ -56,7 +56,8 @@ async def scrape(meters: trioproxy.ProxyMeters, path: str) -> tuple[int, bytes]:
 async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
     """Mid-transfer, /metrics and /debug/memory report the open connections,
     the bytes buffered (equal to the pump's gauge), the budget, and an RSS;
-    the JSON's buffered total matches the metric."""
+    the JSON's buffered total matches the metric, and its live task count is
+    this run's."""
     meters = trioproxy.ProxyMeters.for_config(BUDGETED_CONFIG)
     port = UpstreamPort(make_pair=trio.testing.memory_stream_pair)
     async with trio.open_nursery() as nursery:
@@ -85,6 +86,7 @@ async def test_scrapes_during_a_stalled_transfer_show_what_is_held() -> None:
         assert status == 200
         assert report["buffered_bytes"]["response"] == held
         assert report["connections"] == {"client": 1, "upstream": 1}
+        assert report["tasks_living"] == trio.lowlevel.current_statistics().tasks_living
         assert report["ceiling_bytes"] == (
             1000
             + BUDGETED_CONFIG.max_buffer_memory

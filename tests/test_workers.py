@@ -10,6 +10,7 @@ durations.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,6 +114,19 @@ def test_worker_link_comes_from_the_environment() -> None:
     assert WorkerLink.from_environ({WORKER_FD_ENV: "5"}) is None
     link = WorkerLink.from_environ({WORKER_FD_ENV: "5", WORKER_INDEX_ENV: "1"})
     assert link == WorkerLink(index=1, fd=5)
+
+
+def test_worker_config_shares_the_port_and_shifts_the_metrics_port() -> None:
+    """A worker listens with SO_REUSEPORT, and on the metrics port + its index;
+    a metrics port of 0 stays 0, and no metrics stays none."""
+    link = WorkerLink(index=1, fd=5)
+    config = link.worker_config(ProxyConfig(metrics_listen=("127.0.0.1", 9100)))
+    assert config.reuse_port
+    assert config.metrics_listen == ("127.0.0.1", 9101)
+    assert WorkerLink(index=0, fd=5).worker_config(config).metrics_listen == ("127.0.0.1", 9101)
+    any_port = link.worker_config(ProxyConfig(metrics_listen=("127.0.0.1", 0)))
+    assert any_port.metrics_listen == ("127.0.0.1", 0)
+    assert link.worker_config(ProxyConfig()).metrics_listen is None
 
 
 @pytest.mark.parametrize("count", [0, -1, 1025])
@@ -472,3 +486,44 @@ async def test_two_workers_serve_tls(tmp_path: Path) -> None:
                 assert response.startswith(b"HTTP/1.1 200 ")
                 assert response.endswith(CHUNK * CHUNKS)
         nursery.cancel_scope.cancel()
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 were both free a moment ago."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def scrape_pid(port: int) -> int:
+    """The ``pid`` in ``/debug/memory`` on 127.0.0.1:``port``."""
+    with trio.fail_after(PROMPTLY):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET /debug/memory HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some():
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    pid: int = json.loads(body)["pid"]
+    return pid
+
+
+async def test_each_worker_serves_metrics_on_its_own_port() -> None:
+    """``--workers 2 --metrics HOST:P``: the workers start (none fails to bind
+    the metrics port), and worker ``i`` answers ``/debug/memory`` on ``P + i``,
+    each with its own pid."""
+    base = two_free_ports()
+    async with supervisor_process("--access-log", "off", "--metrics", f"127.0.0.1:{base}") as proxy:
+        pids = {await scrape_pid(base), await scrape_pid(base + 1)}
+        assert pids == proxy.worker_pids()

@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings(path, given)
         if worker is None:
             return settings
-        return attrs.evolve(settings, config=attrs.evolve(settings.config, reuse_port=True))
+        return attrs.evolve(settings, config=worker.worker_config(settings.config))
 
     try:
         settings = load()

@@ -801,7 +801,8 @@ class ProxyConfig:
             parse=parse_listen,
             show=format_listen,
             metavar="HOST:PORT",
-            help="serve Prometheus /metrics and /debug/memory (JSON) on this address",
+            help="serve Prometheus /metrics and /debug/memory (JSON) on this address; "
+            "with --workers N, worker i serves them on PORT + i",
             restart=True,
         ),
     )

@@ -50,8 +50,8 @@ supervisor exits 0.
 
 Per-worker resources: the index is stable across restarts. Anything a worker
 listens on besides the shared port must differ per worker: a metrics
-endpoint ``--metrics HOST:PORT`` is meant to listen on ``PORT + index`` in
-worker ``index`` (``WorkerLink.index``), so each worker's counters are
+endpoint ``--metrics HOST:PORT`` listens on ``PORT + index`` in worker
+``index`` (``WorkerLink.index``), so each worker's counters are
 scraped separately.
 """
 
@@ -198,6 +198,15 @@ class WorkerLink:
         if fd is None or index is None:
             return None
         return cls(index=int(index), fd=int(fd))
+
+    def worker_config(self, config: ProxyConfig) -> ProxyConfig:
+        """``config`` as this worker serves it: the shared port opened with
+        SO_REUSEPORT, and a metrics endpoint of its own on the given port +
+        ``index`` (port 0 stays 0: any free port)."""
+        metrics = config.metrics_listen
+        if metrics is not None and metrics[1] != 0:
+            metrics = (metrics[0], metrics[1] + self.index)
+        return attrs.evolve(config, reuse_port=True, metrics_listen=metrics)
 
     async def report_ready_then_watch(
         self,
