@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import re
 
 import h11
+import pytest
 import trio
 import trio.testing
 
 import trioproxy
+from trioproxy import _metrics
 from trioproxy._metrics import answer_scrape, memory_report, render_prometheus, serve_metrics
 
 from .helpers import (
@@ -134,3 +137,20 @@ async def test_metrics_endpoint_on_loopback_with_http_client() -> None:
         assert (status, content_type) == (200, "application/json")
         assert json.loads(body)["rss_bytes"] > 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_scrape_without_file_descriptors_is_a_503_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of file descriptors (EMFILE), psutil cannot read /proc: the scrape
+    answers 503, and nothing escapes to the server it runs in (the soak found
+    a worker exiting on this)."""
+
+    def no_descriptors() -> int:
+        raise OSError(errno.EMFILE, "Too many open files", "/proc/self/stat")
+
+    monkeypatch.setattr(_metrics, "process_rss", no_descriptors)
+    for path in ("/metrics", "/debug/memory"):
+        status, body = await scrape(trioproxy.ProxyMeters(), path)
+        assert status == 503
+        assert b"Too many open files" in body

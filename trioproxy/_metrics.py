@@ -15,7 +15,8 @@ The endpoint (``serve_metrics``, enabled by ``--metrics HOST:PORT``) answers:
 * ``GET /debug/memory``: JSON tying the process RSS to the payload bytes
   buffered right now and to the configured ceiling, ``baseline RSS + budget
   + per-connection overhead x connections + per-exchange overhead x
-  exchanges`` (docs/memory.md).
+  exchanges`` (docs/memory.md), with the process's pid and its number of
+  live trio tasks.
 
 psutil is imported on the first scrape, not at startup: it is only needed
 when metrics are on.
@@ -438,7 +439,15 @@ async def answer_scrape(stream: trio.abc.Stream, meters: ProxyMeters, *, baselin
         request = await scraper.next_event()
         if not isinstance(request, h11.Request):
             return
-        status, content_type, body = _route(request, meters, baseline_rss)
+        try:
+            status, content_type, body = _route(request, meters, baseline_rss)
+        except OSError as exc:
+            # Reading this process's figures needs a file descriptor (psutil
+            # opens /proc): out of them (EMFILE), the scrape fails, never the
+            # server it runs in.
+            logger.warning("metrics scrape: cannot read process figures: %s", exc)
+            status, content_type = 503, b"text/plain"
+            body = f"cannot read process figures: {exc.strerror or exc}\n".encode()
         headers = [
             (b"Content-Type", content_type),
             (b"Content-Length", str(len(body)).encode()),
@@ -463,5 +472,9 @@ def _route(
     if path == b"/debug/memory":
         report = memory_report(meters, rss=process_rss(), baseline_rss=baseline_rss)
         report["pid"] = os.getpid()
+        # Tasks alive in this process now (the scrape's own included): with
+        # connections and fds, what must come back to its idle count after a
+        # load (scripts/soak.py watches it).
+        report["tasks_living"] = trio.lowlevel.current_statistics().tasks_living
         return 200, b"application/json", json.dumps(report, indent=2).encode() + b"\n"
     return 404, b"text/plain", b"try /metrics or /debug/memory\n"
