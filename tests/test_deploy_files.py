@@ -132,16 +132,15 @@ def unit_command() -> list[str]:
 
 def test_unit_sandboxes_and_restarts_the_service() -> None:
     """The unit runs as a dynamic user with no new privileges on a read-only
-    system, restarts on failure, stops the main process only, and has no
-    ExecReload while reload does not exist (a comment says it will come)."""
+    system, restarts on failure, stops the main process only, and reloads
+    with SIGHUP to the main process (which re-reads a --config file)."""
     service = unit_service()
     assert service["DynamicUser"] == "yes"
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
     assert service["Restart"] == "on-failure"
     assert service["KillMode"] == "mixed"
-    assert "ExecReload" not in service
-    assert "# No ExecReload yet" in UNIT.read_text()
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_unit_command_line_is_accepted(help_flags: frozenset[str]) -> None:
