@@ -11,7 +11,17 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._metrics import answer_scrape, memory_report, render_prometheus, serve_metrics
+from trioproxy._metrics import (
+    CONNECTION_OVERHEAD_BYTES,
+    TLS_CONNECTION_OVERHEAD_BYTES,
+    ProxyMeters,
+    answer_scrape,
+    ceiling_at_limits,
+    memory_report,
+    render_prometheus,
+    serve_metrics,
+    startup_summary,
+)
 
 from .helpers import (
     BUDGETED_CONFIG,
@@ -132,3 +142,19 @@ async def test_metrics_endpoint_on_loopback_with_http_client() -> None:
         assert (status, content_type) == (200, "application/json")
         assert json.loads(body)["rss_bytes"] > 0
         nursery.cancel_scope.cancel()
+
+
+def test_a_tls_listener_counts_its_connections_at_the_tls_overhead() -> None:
+    """With --tls-cert, the ceiling and /debug/memory count each client
+    connection at the measured TLS overhead, not the plain one."""
+    plain = trioproxy.ProxyConfig()
+    tls = trioproxy.ProxyConfig(tls_cert=["cert.pem"])
+    assert ProxyMeters.for_config(plain).connection_overhead_bytes == CONNECTION_OVERHEAD_BYTES
+    meters = ProxyMeters.for_config(tls)
+    assert meters.connection_overhead_bytes == TLS_CONNECTION_OVERHEAD_BYTES
+    meters.client_connections = 10
+    report = memory_report(meters, rss=100, baseline_rss=0)
+    assert report["per_connection_overhead_bytes"] == TLS_CONNECTION_OVERHEAD_BYTES
+    gap = ceiling_at_limits(tls, 0) - ceiling_at_limits(plain, 0)
+    assert gap == tls.max_connections * (TLS_CONNECTION_OVERHEAD_BYTES - CONNECTION_OVERHEAD_BYTES)
+    assert ", TLS on the listener," in startup_summary(tls, "0")

@@ -45,6 +45,12 @@ logger = logging.getLogger("trioproxy.metrics")
 # the handler's task. Measured by scripts/measure_overhead.py: 10.3-10.9 KiB
 # (docs/memory.md); rounded up.
 CONNECTION_OVERHEAD_BYTES = 12 * 1024
+# What an idle keep-alive client connection costs when the listener speaks
+# TLS: the above plus OpenSSL's state, the SSLObject and its BIOs after a
+# handshake and a small exchange. Measured by scripts/measure_overhead.py
+# --tls --idle 1000: 31.1 KiB in all (two runs; 11.3 KiB without TLS in the
+# same session); rounded up.
+TLS_CONNECTION_OVERHEAD_BYTES = 32 * 1024
 # What an exchange in progress adds beyond the payload bytes the budget
 # counts: the upstream socket, two pumps' tasks, h11's receive buffers and
 # the transient copies of a read. Measured: 27-44 KiB for stalled downloads,
@@ -82,6 +88,8 @@ class ProxyMeters:
             ``upstream``).
         tls_handshake_failures: failed TLS handshakes, by ``(leg, reason)``
             (``_tls.handshake_failure_reason``: ``not_tls``, ``timeout``, ...).
+        connection_overhead_bytes: what one open client connection costs
+            beyond payload, for the ceiling (more on a TLS listener).
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -98,11 +106,15 @@ class ProxyMeters:
     tunnel_bytes_down: int = 0
     tls_handshakes: dict[str, int] = attrs.Factory(dict)
     tls_handshake_failures: dict[tuple[str, str], int] = attrs.Factory(dict)
+    connection_overhead_bytes: int = CONNECTION_OVERHEAD_BYTES
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
         """Meters with a fresh budget of ``config.max_buffer_memory`` bytes."""
-        return cls(budget=MemoryBudget(config.max_buffer_memory))
+        return cls(
+            budget=MemoryBudget(config.max_buffer_memory),
+            connection_overhead_bytes=connection_overhead(config),
+        )
 
     def count_response(self, status_code: int) -> None:
         self.responses[status_code] = self.responses.get(status_code, 0) + 1
@@ -144,11 +156,16 @@ def startup_rss() -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def connection_overhead(config: ProxyConfig) -> int:
+    """What one open client connection costs beyond payload (docs/memory.md)."""
+    return TLS_CONNECTION_OVERHEAD_BYTES if config.tls_cert else CONNECTION_OVERHEAD_BYTES
+
+
 def ceiling_at_limits(config: ProxyConfig, idle_rss: int) -> int:
     """The RSS one process may reach at its configured limits: the ceiling
     formula (docs/memory.md) with every allowed connection busy with an
     exchange."""
-    per_connection = CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES
+    per_connection = connection_overhead(config) + EXCHANGE_OVERHEAD_BYTES
     return idle_rss + config.max_buffer_memory + config.max_connections * per_connection
 
 
@@ -171,7 +188,7 @@ def startup_summary(config: ProxyConfig, version: str) -> str:
         f"trioproxy {version}: {mode}, {workers}, memory ceiling {ceiling / mib:.0f} MiB"
         f" per process (idle {idle / mib:.0f} MiB + budget {config.max_buffer_memory / mib:.0f}"
         f" MiB + {config.max_connections} connections x "
-        f"{(CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES) // 1024} KiB)"
+        f"{(connection_overhead(config) + EXCHANGE_OVERHEAD_BYTES) // 1024} KiB)"
     )
 
 
@@ -315,7 +332,7 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     buffered = meters.request_bodies.held + meters.response_bodies.held
     budget = _budget_statistics(meters)
     overhead = (
-        CONNECTION_OVERHEAD_BYTES * meters.client_connections
+        meters.connection_overhead_bytes * meters.client_connections
         + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
     )
     capacity = budget.capacity if budget is not None else None
@@ -333,7 +350,7 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "client": meters.client_connections,
             "upstream": meters.upstream_connections,
         },
-        "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
+        "per_connection_overhead_bytes": meters.connection_overhead_bytes,
         "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
         "ceiling_formula": (
             "baseline_rss + budget + per_connection_overhead x client_connections"
