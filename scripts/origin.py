@@ -17,6 +17,9 @@
 #
 # Content is a function of the byte offset only; verify with
 # _stresskit.PatternVerifier or compare a SHA-256 with expected_sha256(n).
+#
+# With --tls-cert/--tls-key it speaks TLS (trio.SSLStream): an https:// origin for
+# runs through a TLS upstream. Its own TLS buffers are not what is measured.
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import hashlib
 import json
 import socket
+import ssl
 import sys
 import traceback
 from http import HTTPStatus
@@ -67,13 +71,13 @@ class _Reply(Exception):
         self.message = message
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
         await stream.send_all(data)
 
 
-async def _send_body(stream: trio.SocketStream, conn: h11.Connection, n: int) -> None:
+async def _send_body(stream: trio.abc.Stream, conn: h11.Connection, n: int) -> None:
     """Send n payload bytes as Data events, then EndOfMessage, without copying."""
     sent = 0
     while sent < n:
@@ -89,7 +93,7 @@ async def _send_body(stream: trio.SocketStream, conn: h11.Connection, n: int) ->
 
 
 async def _next_event(
-    stream: trio.SocketStream, conn: h11.Connection, pacer: Pacer | None = None
+    stream: trio.abc.Stream, conn: h11.Connection, pacer: Pacer | None = None
 ) -> h11.Event | type[h11.PAUSED]:
     """Next h11 event, reading (paced, if a pacer is given) while h11 needs data."""
     while True:
@@ -97,7 +101,7 @@ async def _next_event(
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]
         data = await stream.receive_some(READ_SIZE if pacer is None else pacer.burst)
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
         if pacer is not None and data:
             await pacer.consume(len(data))
 
@@ -113,7 +117,7 @@ def _parse_n(text: str) -> int:
 
 
 async def _serve_download(
-    stream: trio.SocketStream, conn: h11.Connection, n: int, chunked: bool
+    stream: trio.abc.Stream, conn: h11.Connection, n: int, chunked: bool
 ) -> None:
     framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(n))
     headers = [("Content-Type", "application/octet-stream"), framing]
@@ -122,13 +126,13 @@ async def _serve_download(
 
 
 async def _serve_upload(
-    stream: trio.SocketStream, conn: h11.Connection, query: dict[str, list[str]]
+    stream: trio.abc.Stream, conn: h11.Connection, query: dict[str, list[str]]
 ) -> None:
     rate = _parse_n(query["rate"][0]) if "rate" in query else None
     pacer = None
     if rate:
         # Small reads and a small receive window make slowness visible upstream.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+        _socket_stream(stream).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
         pacer = Pacer(rate, burst=min(READ_SIZE, max(1024, rate // 20)))
     if conn.they_are_waiting_for_100_continue:
         await _send(stream, conn, h11.InformationalResponse(status_code=100, headers=[]))
@@ -148,7 +152,7 @@ async def _serve_upload(
 
 
 async def _send_json(
-    stream: trio.SocketStream, conn: h11.Connection, status: int, value: Any
+    stream: trio.abc.Stream, conn: h11.Connection, status: int, value: Any
 ) -> None:
     body = json.dumps(value).encode() + b"\n"
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
@@ -158,12 +162,12 @@ async def _send_json(
     await _send(stream, conn, h11.EndOfMessage())
 
 
-async def _drain_request_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
+async def _drain_request_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
     while not isinstance(await _next_event(stream, conn), h11.EndOfMessage):
         pass
 
 
-async def _route(stream: trio.SocketStream, conn: h11.Connection, request: h11.Request) -> None:
+async def _route(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
     url = urlsplit(request.target.decode("ascii", "replace"))
     method = request.method.decode("ascii", "replace")
     parts = url.path.strip("/").split("/")
@@ -181,7 +185,7 @@ async def _route(stream: trio.SocketStream, conn: h11.Connection, request: h11.R
         raise _Reply(404, f"no route for {url.path}")
 
 
-async def _handle_connection(stream: trio.SocketStream) -> None:
+async def _handle_connection(stream: trio.abc.Stream) -> None:
     """Serve requests on one connection until either side closes it."""
     conn = h11.Connection(h11.SERVER)
     while True:
@@ -202,7 +206,15 @@ async def _handle_connection(stream: trio.SocketStream) -> None:
         conn.start_next_cycle()
 
 
-async def handle_connection(stream: trio.SocketStream) -> None:
+def _socket_stream(stream: trio.abc.Stream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or under TLS)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream
+
+
+async def handle_connection(stream: trio.abc.Stream) -> None:
     """Connection handler for trio.serve_tcp.
 
     Error handling: a client that goes away or speaks bad HTTP ends only its own
@@ -224,30 +236,52 @@ async def serve_origin(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the origin on host:port until cancelled.
+    """Serve the origin on host:port until cancelled (over TLS with ``ssl_context``).
 
     Reports the bound listeners through task_status (use port 0 and read
     listeners[0].socket.getsockname() for the port).
     """
-    await trio.serve_tcp(handle_connection, port, host=host, task_status=task_status)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        if ssl_context is None:
+            await handle_connection(stream)
+        else:
+            tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+            await handle_connection(tls)
+
+    await trio.serve_tcp(handler, port, host=host, task_status=task_status)
 
 
-async def _serve_and_announce(host: str, port: int) -> None:
+async def _serve_and_announce(host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_origin, host, port)
+        listeners = await nursery.start(
+            lambda task_status: serve_origin(
+                host, port, ssl_context=ssl_context, task_status=task_status
+            )
+        )
         bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        print(f"origin listening on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        scheme = "http" if ssl_context is None else "https"
+        print(
+            f"origin listening on {scheme}://{bound_host}:{bound_port}", file=sys.stderr, flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="stress-suite origin server")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
+    parser.add_argument("--tls-cert", help="certificate chain (PEM): serve https://")
+    parser.add_argument("--tls-key", help="its private key, if not in --tls-cert")
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     try:
-        trio.run(_serve_and_announce, host, port)
+        trio.run(_serve_and_announce, host, port, context)
     except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
         pass
 
