@@ -186,7 +186,7 @@ def tls_arguments(certs: Certs | None, args: argparse.Namespace) -> tuple[list[s
     origin = pair if args.tls_upstream else []
     proxy = pair if args.tls else []
     if args.tls_upstream:
-        proxy += ["--upstream-ca", str(certs.cert)]
+        proxy = [*proxy, "--upstream-ca", str(certs.cert)]
     return origin, proxy
 
 

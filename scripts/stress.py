@@ -769,7 +769,11 @@ def write_reports(
     else:
         for name in names:
             write_csv(Path(f"results/stress-{name}.csv"), [s for s in samples if s.proxy == name])
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {
+        k: str(v) if isinstance(v, Path | Certs) else v
+        for k, v in vars(args).items()
+        if k != "certs" or v is None
+    }
     if args.json:
         write_json(args.json, summaries, config)
     png = args.png or Path(f"results/stress-{'-vs-'.join(names)}.png")

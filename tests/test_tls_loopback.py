@@ -16,6 +16,8 @@ import os
 import random
 import shutil
 import ssl
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -33,6 +35,9 @@ from trioproxy._metrics import ProxyMeters
 from .helpers import (
     LOOPBACK_TEST_PORTS,
     PROMPTLY,
+    ROOT,
+    LineReader,
+    args_for_a_quiet_start,
     start_proxy,
     stdout_sha256,
 )
@@ -390,3 +395,30 @@ def test_a_bad_certificate_file_stops_the_start_with_one_line(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err == f"trioproxy: error: certificate {missing}: No such file or directory\n"
+
+
+async def test_upstream_insecure_is_said_loudly_once_at_start() -> None:
+    """--upstream-insecure: one warning before the listening line, naming the
+    flag and what it costs."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "trioproxy", "--listen", "127.0.0.1:0"]
+    argv += ["--upstream", "https://origin.test", "--upstream-insecure", "--access-log", "off"]
+    process = await trio.lowlevel.open_process(
+        [*argv, *args_for_a_quiet_start()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stderr is not None
+        with trio.fail_after(PROMPTLY):
+            lines = await LineReader(process.stderr).until("trioproxy listening on ")
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+    warnings = [line for line in lines if "--upstream-insecure" in line]
+    assert len(warnings) == 1
+    assert "WARNING" in warnings[0]
+    assert "NOT checked" in warnings[0]

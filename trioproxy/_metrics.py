@@ -57,6 +57,13 @@ TLS_CONNECTION_OVERHEAD_BYTES = 32 * 1024
 # 92-116 KiB per client with 200 clients streaming (heap high-water
 # included); rounded up.
 EXCHANGE_OVERHEAD_BYTES = 128 * 1024
+# What each TLS leg adds to an exchange in progress: its TLS state, the BIOs,
+# and one slice of ciphertext held while its peer is slow. Measured by
+# scripts/measure_overhead.py --slow 100 (stalled downloads, same session):
+# 37.4 KiB beyond buffers on the plain channel relay (--no-splice), 99-103
+# KiB with a TLS client leg, 124 KiB with a TLS upstream leg, 190 KiB with
+# both: 62-87 KiB per leg; rounded up.
+TLS_LEG_OVERHEAD_BYTES = 96 * 1024
 # A scrape is one small request; a client that sends nothing for this long is
 # dropped, so a stuck scraper cannot pin a task and a socket for ever.
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -90,6 +97,8 @@ class ProxyMeters:
             (``_tls.handshake_failure_reason``: ``not_tls``, ``timeout``, ...).
         connection_overhead_bytes: what one open client connection costs
             beyond payload, for the ceiling (more on a TLS listener).
+        exchange_overhead_bytes: what one exchange in progress costs beyond
+            payload, for the ceiling (more per TLS leg).
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -107,6 +116,7 @@ class ProxyMeters:
     tls_handshakes: dict[str, int] = attrs.Factory(dict)
     tls_handshake_failures: dict[tuple[str, str], int] = attrs.Factory(dict)
     connection_overhead_bytes: int = CONNECTION_OVERHEAD_BYTES
+    exchange_overhead_bytes: int = EXCHANGE_OVERHEAD_BYTES
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
@@ -114,6 +124,7 @@ class ProxyMeters:
         return cls(
             budget=MemoryBudget(config.max_buffer_memory),
             connection_overhead_bytes=connection_overhead(config),
+            exchange_overhead_bytes=exchange_overhead(config),
         )
 
     def count_response(self, status_code: int) -> None:
@@ -161,11 +172,19 @@ def connection_overhead(config: ProxyConfig) -> int:
     return TLS_CONNECTION_OVERHEAD_BYTES if config.tls_cert else CONNECTION_OVERHEAD_BYTES
 
 
+def exchange_overhead(config: ProxyConfig) -> int:
+    """What one exchange in progress costs beyond payload: more for a TLS
+    listener and for an https:// upstream (docs/memory.md)."""
+    upstream_tls = config.upstream is not None and config.upstream.tls
+    legs = bool(config.tls_cert) + upstream_tls
+    return EXCHANGE_OVERHEAD_BYTES + legs * TLS_LEG_OVERHEAD_BYTES
+
+
 def ceiling_at_limits(config: ProxyConfig, idle_rss: int) -> int:
     """The RSS one process may reach at its configured limits: the ceiling
     formula (docs/memory.md) with every allowed connection busy with an
     exchange."""
-    per_connection = connection_overhead(config) + EXCHANGE_OVERHEAD_BYTES
+    per_connection = connection_overhead(config) + exchange_overhead(config)
     return idle_rss + config.max_buffer_memory + config.max_connections * per_connection
 
 
@@ -188,7 +207,7 @@ def startup_summary(config: ProxyConfig, version: str) -> str:
         f"trioproxy {version}: {mode}, {workers}, memory ceiling {ceiling / mib:.0f} MiB"
         f" per process (idle {idle / mib:.0f} MiB + budget {config.max_buffer_memory / mib:.0f}"
         f" MiB + {config.max_connections} connections x "
-        f"{(connection_overhead(config) + EXCHANGE_OVERHEAD_BYTES) // 1024} KiB)"
+        f"{(connection_overhead(config) + exchange_overhead(config)) // 1024} KiB)"
     )
 
 
@@ -333,7 +352,7 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     budget = _budget_statistics(meters)
     overhead = (
         meters.connection_overhead_bytes * meters.client_connections
-        + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+        + meters.exchange_overhead_bytes * meters.upstream_connections
     )
     capacity = budget.capacity if budget is not None else None
     return {
@@ -351,7 +370,7 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "upstream": meters.upstream_connections,
         },
         "per_connection_overhead_bytes": meters.connection_overhead_bytes,
-        "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "per_exchange_overhead_bytes": meters.exchange_overhead_bytes,
         "ceiling_formula": (
             "baseline_rss + budget + per_connection_overhead x client_connections"
             " + per_exchange_overhead x upstream_connections"
