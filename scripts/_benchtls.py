@@ -39,6 +39,7 @@ import attrs
 from _certs import Certs, self_signed
 from _procs import ProcessFailed, RssSampler, Server, free_port
 from bench import (
+    HAPROXY_COMMON,
     LOAD_GRACE,
     MIB,
     SCRIPTS,
@@ -190,18 +191,7 @@ def start_haproxy(work: Path, origin: TlsOrigin, certs: Certs) -> TlsPeer:
     assert haproxy is not None
     tls_port, plain_port = free_port(), free_port()
     conf = work / "haproxy-tls.cfg"
-    conf.write_text(f"""
-global
-    nbthread 1
-    maxconn 4096
-
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-
+    conf.write_text(f"""{HAPROXY_COMMON}
 frontend termination
     bind 127.0.0.1:{tls_port} ssl crt {certs.combined}
     default_backend plain_origin

@@ -397,12 +397,9 @@ http {{
     return Running(server, f"127.0.0.1:{port}")
 
 
-def start_haproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
-    haproxy = which("haproxy")
-    assert haproxy is not None
-    port = free_port()
-    conf = work / "haproxy.cfg"
-    conf.write_text(f"""
+# One thread (one worker, as every peer), HTTP keep-alive both ways, default
+# connection reuse; shared by the TLS rows (_benchtls).
+HAPROXY_COMMON = """
 global
     nbthread 1
     maxconn 4096
@@ -413,7 +410,15 @@ defaults
     timeout connect 5s
     timeout client 120s
     timeout server 120s
+"""
 
+
+def start_haproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    haproxy = which("haproxy")
+    assert haproxy is not None
+    port = free_port()
+    conf = work / "haproxy.cfg"
+    conf.write_text(f"""{HAPROXY_COMMON}
 frontend bench
     bind 127.0.0.1:{port}
     default_backend origin
