@@ -49,7 +49,7 @@ STOP_GRACE = 5.0
 STDERR_TAIL = 40
 
 # "trioproxy listening on http://127.0.0.1:41234" (also origin, naive_relay).
-_LISTENING = re.compile(r"listening on (http://[^\s]+)")
+_LISTENING = re.compile(r"listening on (https?://[^\s]+)")
 
 
 class ProcessFailed(RuntimeError):

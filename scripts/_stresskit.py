@@ -143,8 +143,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 
 def parse_http_url(url: str) -> tuple[str, int]:
-    """Split 'http://HOST:PORT[/]' into host and port (no TLS in this suite)."""
-    match = re.fullmatch(r"http://([^/:]+):(\d+)/?", url.strip())
+    """Split 'http://HOST:PORT[/]' (or https://) into host and port."""
+    match = re.fullmatch(r"https?://([^/:]+):(\d+)/?", url.strip())
     if match is None:
         raise ValueError(f"expected http://HOST:PORT, got {url!r}")
     return match.group(1), int(match.group(2))

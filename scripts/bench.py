@@ -397,12 +397,9 @@ http {{
     return Running(server, f"127.0.0.1:{port}")
 
 
-def start_haproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
-    haproxy = which("haproxy")
-    assert haproxy is not None
-    port = free_port()
-    conf = work / "haproxy.cfg"
-    conf.write_text(f"""
+# One thread (one worker, as every peer), HTTP keep-alive both ways, default
+# connection reuse; shared by the TLS rows (_benchtls).
+HAPROXY_COMMON = """
 global
     nbthread 1
     maxconn 4096
@@ -413,7 +410,15 @@ defaults
     timeout connect 5s
     timeout client 120s
     timeout server 120s
+"""
 
+
+def start_haproxy(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    haproxy = which("haproxy")
+    assert haproxy is not None
+    port = free_port()
+    conf = work / "haproxy.cfg"
+    conf.write_text(f"""{HAPROXY_COMMON}
 frontend bench
     bind 127.0.0.1:{port}
     default_backend origin
@@ -999,6 +1004,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(PEERS)}")
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also the TLS rows: trioproxy and haproxy terminating TLS, reaching a TLS "
+        "origin, and new TLS connections/s (scripts/_benchtls.py)",
+    )
+    parser.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="only the TLS rows (the other peers are not run)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=REPO / "results" / "bench.json",
@@ -1041,7 +1057,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(names) - set(PEERS))
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
-    args.peers = [p for p in PEERS if p in names]
+    args.peers = [] if args.tls_only else [p for p in PEERS if p in names]
+    args.tls = args.tls or args.tls_only
     return args
 
 
@@ -1128,7 +1145,8 @@ def run(args: argparse.Namespace, missing: list[str]) -> dict[str, Any]:
     starters, skipped = peer_starters(args)
     for name, why in skipped.items():
         print(f"bench: {name} skipped: {why}", file=sys.stderr, flush=True)
-    size = args.size if args.download else SMALL_SIZE
+    size = args.size if args.download or args.tls else SMALL_SIZE
+    tls: dict[str, Any] | None = None
     with workdir(size) as work, contextlib.ExitStack() as stack:
         args.workdir = work
         nginx = which("nginx")
@@ -1143,6 +1161,10 @@ def run(args: argparse.Namespace, missing: list[str]) -> dict[str, Any]:
         run_rounds(lives, origin, args)
         for live in lives:
             keep_best(live)
+        if args.tls:
+            from _benchtls import run_tls  # imports this module: not at the top
+
+            tls = run_tls(args, stack)
     results = [result for result, _ in started]
     add_ratios(results)
     info["loadavg_after"] = os.getloadavg()
@@ -1153,6 +1175,7 @@ def run(args: argparse.Namespace, missing: list[str]) -> dict[str, Any]:
         "table": markdown_table(results, args),
         "targets": target_lines(results, args),
         "notes": notes(results, skipped, missing),
+        "tls": tls,
     }
 
 
@@ -1185,13 +1208,18 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, seconds: floa
         f"{m['loadavg_before'][0]:.2f} / {m['loadavg_after'][0]:.2f}; "
         f"{seconds:.0f} s in total"
     )
-    print()
-    print(report["table"])
-    print()
-    for line in report["targets"]:
-        print(line)
+    if args.peers:
+        print()
+        print(report["table"])
+        print()
+        for line in report["targets"]:
+            print(line)
     for note in report["notes"]:
         print(f"- {note}")
+    if report.get("tls"):
+        from _benchtls import print_tls
+
+        print_tls(report["tls"])
     print(f"\nwritten to {args.json}")
 
 

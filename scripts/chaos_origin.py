@@ -187,9 +187,14 @@ async def _serve_echo(stream: trio.SocketStream, conn: h11.Connection) -> None:
 
 
 async def chaos_route(
-    stream: trio.SocketStream, conn: h11.Connection, request: h11.Request
+    any_stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request
 ) -> None:
-    """Answer one request (see the module comment); origin.py's routes otherwise."""
+    """Answer one request (see the module comment); origin.py's routes otherwise.
+
+    Plain TCP only: the faults reset and half-close the socket itself.
+    """
+    assert isinstance(any_stream, trio.SocketStream), "the chaos origin speaks plain TCP"
+    stream = any_stream
     url = urlsplit(request.target.decode("ascii", "replace"))
     parts = url.path.strip("/").split("/")
     method = request.method

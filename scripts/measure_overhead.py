@@ -20,8 +20,14 @@ trioproxy child process in reverse mode; both are stopped at the end. Every
 phase has a deadline (``--max-seconds`` in total). RLIMIT_NOFILE is raised to
 the hard limit, since each connection costs the proxy one or two descriptors.
 
+With ``--tls`` the proxy's listener speaks TLS and every client connection is
+a TLS one (the per-connection figures then include the proxy's TLS state);
+with ``--tls-upstream`` the origin speaks TLS and the proxy reaches it over
+verified TLS. The certificate is a throwaway self-signed one (``_certs``).
+
     python scripts/measure_overhead.py --idle 1000 --slow 100
     python scripts/measure_overhead.py --idle 5000 --slow 0 --fast 0
+    python scripts/measure_overhead.py --tls --idle 1000 --slow 100
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ import os
 import resource
 import shlex
 import socket
+import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,6 +49,7 @@ from typing import Any
 
 import h11
 import trio
+from _certs import Certs, self_signed
 from _stresskit import parse_http_url
 from stress import Child, rss_of, start_child, stop_child
 
@@ -60,18 +69,33 @@ SETTLE_SECONDS = 2.0
 """Wait after a phase before reading RSS, so the proxy has stopped moving."""
 
 
-async def request(stream: trio.SocketStream, conn: h11.Connection, path: str) -> None:
+async def connect(
+    proxy: tuple[str, int], tls: ssl.SSLContext | None, rcvbuf: int | None = None
+) -> trio.abc.Stream:
+    """A connection to the proxy: TCP (``SO_RCVBUF`` set first if given),
+    and TLS over it when ``tls`` is a client context."""
+    stream = await trio.open_tcp_stream(*proxy)
+    if rcvbuf is not None:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if tls is None:
+        return stream
+    tls_stream = trio.SSLStream(stream, tls, server_hostname="localhost", https_compatible=True)
+    await tls_stream.do_handshake()
+    return tls_stream
+
+
+async def request(stream: trio.abc.Stream, conn: h11.Connection, path: str) -> None:
     data = conn.send(h11.Request(method="GET", target=path, headers=[("Host", "origin")]))
     await stream.send_all((data or b"") + (conn.send(h11.EndOfMessage()) or b""))
 
 
-async def next_event(stream: trio.SocketStream, conn: h11.Connection) -> Any:
+async def next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
     while (event := conn.next_event()) is h11.NEED_DATA:
         conn.receive_data(bytes(await stream.receive_some(65536)))
     return event
 
 
-async def read_response(stream: trio.SocketStream, conn: h11.Connection) -> int:
+async def read_response(stream: trio.abc.Stream, conn: h11.Connection) -> int:
     """Read a whole response; return the body's length."""
     length = 0
     while not isinstance(event := await next_event(stream, conn), h11.EndOfMessage):
@@ -82,19 +106,22 @@ async def read_response(stream: trio.SocketStream, conn: h11.Connection) -> int:
     return length
 
 
-async def open_idle(proxy: tuple[str, int], streams: list[trio.SocketStream]) -> None:
+async def open_idle(
+    proxy: tuple[str, int], tls: ssl.SSLContext | None, streams: list[trio.abc.Stream]
+) -> None:
     """One request, fully read; then the connection stays open, idle."""
-    stream = await trio.open_tcp_stream(*proxy)
+    stream = await connect(proxy, tls)
     streams.append(stream)
     conn = h11.Connection(h11.CLIENT)
     await request(stream, conn, "/small")
     await read_response(stream, conn)
 
 
-async def open_slow(proxy: tuple[str, int], streams: list[trio.SocketStream]) -> None:
+async def open_slow(
+    proxy: tuple[str, int], tls: ssl.SSLContext | None, streams: list[trio.abc.Stream]
+) -> None:
     """A huge download whose client reads the head and then nothing more."""
-    stream = await trio.open_tcp_stream(*proxy)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    stream = await connect(proxy, tls, rcvbuf=16 * 1024)
     streams.append(stream)
     conn = h11.Connection(h11.CLIENT)
     await request(stream, conn, f"/bytes/{SLOW_BODY}")
@@ -103,8 +130,8 @@ async def open_slow(proxy: tuple[str, int], streams: list[trio.SocketStream]) ->
         raise RuntimeError(f"expected 200, got {event!r}")
 
 
-async def fast_download(proxy: tuple[str, int], size: int) -> None:
-    async with await trio.open_tcp_stream(*proxy) as stream:
+async def fast_download(proxy: tuple[str, int], tls: ssl.SSLContext | None, size: int) -> None:
+    async with await connect(proxy, tls) as stream:
         conn = h11.Connection(h11.CLIENT)
         await request(stream, conn, f"/bytes/{size}")
         got = await read_response(stream, conn)
@@ -150,13 +177,29 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def start_processes(nursery: trio.Nursery, args: argparse.Namespace) -> list[Child]:
+def tls_arguments(certs: Certs | None, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The origin's and the proxy's extra arguments for ``--tls`` and
+    ``--tls-upstream``."""
+    if certs is None:
+        return [], []
+    pair = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key)]
+    origin = pair if args.tls_upstream else []
+    proxy = pair if args.tls else []
+    if args.tls_upstream:
+        proxy = [*proxy, "--upstream-ca", str(certs.cert)]
+    return origin, proxy
+
+
+async def start_processes(
+    nursery: trio.Nursery, args: argparse.Namespace, certs: Certs | None
+) -> list[Child]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    origin_tls, proxy_tls = tls_arguments(certs, args)
     origin = await start_child(
         nursery,
         "origin",
-        [sys.executable, str(SCRIPTS_DIR / "origin.py"), "--listen", "127.0.0.1:0"],
+        [sys.executable, str(SCRIPTS_DIR / "origin.py"), "--listen", "127.0.0.1:0", *origin_tls],
     )
     argv = [
         *shlex.split(args.proxy_command),
@@ -166,6 +209,7 @@ async def start_processes(nursery: trio.Nursery, args: argparse.Namespace) -> li
         origin.url,
         "--metrics",
         f"127.0.0.1:{args.metrics_port}",
+        *proxy_tls,
         *shlex.split(args.proxy_args),
     ]
     try:
@@ -194,11 +238,13 @@ class Report:
         print(f"{key:<34} {text}", flush=True)
 
 
-async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> None:
+async def measure(
+    args: argparse.Namespace, proxy: Child, report: Report, tls: ssl.SSLContext | None
+) -> None:
     address = parse_http_url(proxy.url)
     metrics = ("127.0.0.1", args.metrics_port)
-    idle_streams: list[trio.SocketStream] = []
-    slow_streams: list[trio.SocketStream] = []
+    idle_streams: list[trio.abc.Stream] = []
+    slow_streams: list[trio.abc.Stream] = []
     # The proxy imports psutil on its first /debug/memory scrape (~1 MiB of
     # RSS, once); scrape before the idle reading so that the one-time import
     # is not counted as memory the load left behind.
@@ -208,20 +254,20 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
     report.note("rss_idle_bytes", before, format_size(before))
     try:
         if args.idle:
-            await run_many(args.idle, lambda: open_idle(address, idle_streams))
+            await run_many(args.idle, lambda: open_idle(address, tls, idle_streams))
             await trio.sleep(SETTLE_SECONDS)
             rss = report.rss()
             per = (rss - before) / args.idle
             report.note("rss_with_idle_bytes", rss, f"{format_size(rss)} with {args.idle} idle")
             report.note("overhead_per_idle_connection", per, format_size(per))
             started = time.monotonic()
-            await fast_download(address, 1024)
+            await fast_download(address, tls, 1024)
             latency = time.monotonic() - started
             report.note("new_request_seconds", latency, f"{latency * 1000:.1f} ms")
         base = report.rss()
         if args.fast:
             size = args.fast_bytes
-            await run_many(args.fast, lambda: fast_download(address, size))
+            await run_many(args.fast, lambda: fast_download(address, tls, size))
             await trio.sleep(SETTLE_SECONDS)
             rss = report.rss()
             report.note(
@@ -231,7 +277,7 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
             )
         if args.slow:
             base = report.rss()
-            await run_many(args.slow, lambda: open_slow(address, slow_streams))
+            await run_many(args.slow, lambda: open_slow(address, tls, slow_streams))
             await trio.sleep(SETTLE_SECONDS)
             rss = report.rss()
             memory = await debug_memory(metrics)
@@ -254,13 +300,16 @@ async def measure(args: argparse.Namespace, proxy: Child, report: Report) -> Non
     report.note("rss_after_minus_idle_bytes", rss - before, format_size(rss - before))
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace, certs: Certs | None) -> dict[str, Any]:
+    tls = None
+    if args.tls and certs is not None:
+        tls = ssl.create_default_context(cafile=str(certs.cert))
     async with trio.open_nursery() as nursery:
-        origin, proxy = await start_processes(nursery, args)
+        origin, proxy = await start_processes(nursery, args, certs)
         report = Report(proxy.process.pid)
         try:
             with trio.fail_after(args.max_seconds):
-                await measure(args, proxy, report)
+                await measure(args, proxy, report, tls)
         finally:
             await stop_child(proxy)
             await stop_child(origin)
@@ -284,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to start the proxy (for A/B runs of variants)",
     )
     parser.add_argument("--proxy-args", default="", help="extra arguments for the proxy")
+    parser.add_argument("--tls", action="store_true", help="clients reach the proxy over TLS")
+    parser.add_argument(
+        "--tls-upstream", action="store_true", help="the proxy reaches the origin over TLS"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     return parser
 
@@ -294,7 +347,9 @@ def main() -> None:
     limit = raise_fd_limit()
     if args.idle + 2 * args.slow + 100 > limit:
         sys.exit(f"RLIMIT_NOFILE is {limit}: too low for {args.idle} + {args.slow} connections")
-    figures = trio.run(main_async, args)
+    with tempfile.TemporaryDirectory(prefix="trioproxy-certs-") as directory:
+        certs = self_signed(Path(directory)) if args.tls or args.tls_upstream else None
+        figures = trio.run(main_async, args, certs)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

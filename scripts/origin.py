@@ -18,14 +18,17 @@
 #
 # Content is a function of the byte offset only; verify with
 # _stresskit.PatternVerifier or compare a SHA-256 with expected_sha256(n).
+#
+# With --tls-cert/--tls-key it speaks TLS (trio.SSLStream): an https:// origin for
+# runs through a TLS upstream. Its own TLS buffers are not what is measured.
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import socket
+import ssl
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -72,13 +75,13 @@ class _Reply(Exception):
         self.message = message
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
         await stream.send_all(data)
 
 
-async def _send_body(stream: trio.SocketStream, conn: h11.Connection, n: int) -> None:
+async def _send_body(stream: trio.abc.Stream, conn: h11.Connection, n: int) -> None:
     """Send n payload bytes as Data events, then EndOfMessage, without copying."""
     sent = 0
     while sent < n:
@@ -94,7 +97,7 @@ async def _send_body(stream: trio.SocketStream, conn: h11.Connection, n: int) ->
 
 
 async def _next_event(
-    stream: trio.SocketStream, conn: h11.Connection, pacer: Pacer | None = None
+    stream: trio.abc.Stream, conn: h11.Connection, pacer: Pacer | None = None
 ) -> h11.Event | type[h11.PAUSED]:
     """Next h11 event, reading (paced, if a pacer is given) while h11 needs data."""
     while True:
@@ -102,7 +105,7 @@ async def _next_event(
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]
         data = await stream.receive_some(READ_SIZE if pacer is None else pacer.burst)
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
         if pacer is not None and data:
             await pacer.consume(len(data))
 
@@ -118,7 +121,7 @@ def _parse_n(text: str) -> int:
 
 
 async def _serve_download(
-    stream: trio.SocketStream, conn: h11.Connection, n: int, chunked: bool
+    stream: trio.abc.Stream, conn: h11.Connection, n: int, chunked: bool
 ) -> None:
     framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(n))
     headers = [("Content-Type", "application/octet-stream"), framing]
@@ -127,14 +130,14 @@ async def _serve_download(
 
 
 async def _serve_upload(
-    stream: trio.SocketStream, conn: h11.Connection, query: dict[str, list[str]]
+    stream: trio.abc.Stream, conn: h11.Connection, query: dict[str, list[str]]
 ) -> None:
     rate = _parse_n(query["rate"][0]) if "rate" in query else None
     rcvbuf = _parse_n(query["rcvbuf"][0]) if "rcvbuf" in query else SLOW_RCVBUF
     pacer = None
     if rate:
         # Small reads and a small receive window make slowness visible upstream.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        _socket_stream(stream).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         pacer = Pacer(rate, burst=min(READ_SIZE, max(1024, rate // 20)))
     if conn.they_are_waiting_for_100_continue:
         await _send(stream, conn, h11.InformationalResponse(status_code=100, headers=[]))
@@ -154,7 +157,7 @@ async def _serve_upload(
 
 
 async def _send_json(
-    stream: trio.SocketStream, conn: h11.Connection, status: int, value: Any
+    stream: trio.abc.Stream, conn: h11.Connection, status: int, value: Any
 ) -> None:
     body = json.dumps(value).encode() + b"\n"
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
@@ -164,12 +167,12 @@ async def _send_json(
     await _send(stream, conn, h11.EndOfMessage())
 
 
-async def _drain_request_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
+async def _drain_request_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
     while not isinstance(await _next_event(stream, conn), h11.EndOfMessage):
         pass
 
 
-async def _route(stream: trio.SocketStream, conn: h11.Connection, request: h11.Request) -> None:
+async def _route(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
     url = urlsplit(request.target.decode("ascii", "replace"))
     method = request.method.decode("ascii", "replace")
     parts = url.path.strip("/").split("/")
@@ -187,12 +190,12 @@ async def _route(stream: trio.SocketStream, conn: h11.Connection, request: h11.R
         raise _Reply(404, f"no route for {url.path}")
 
 
-Route = Callable[[trio.SocketStream, h11.Connection, h11.Request], Awaitable[None]]
+Route = Callable[[trio.abc.Stream, h11.Connection, h11.Request], Awaitable[None]]
 """Answers one request. It may leave h11's state short of DONE (a raw reply, a
 switched protocol): the connection then closes after it."""
 
 
-async def _handle_connection(stream: trio.SocketStream, route: Route) -> None:
+async def _handle_connection(stream: trio.abc.Stream, route: Route) -> None:
     """Serve requests on one connection until either side closes it."""
     conn = h11.Connection(h11.SERVER)
     while True:
@@ -213,7 +216,15 @@ async def _handle_connection(stream: trio.SocketStream, route: Route) -> None:
         conn.start_next_cycle()
 
 
-async def handle_connection(stream: trio.SocketStream, route: Route = _route) -> None:
+def _socket_stream(stream: trio.abc.Stream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or under TLS)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream
+
+
+async def handle_connection(stream: trio.abc.Stream, route: Route = _route) -> None:
     """Connection handler for trio.serve_tcp; ``route`` answers each request
     (scripts/chaos_origin.py passes its own).
 
@@ -237,23 +248,41 @@ async def serve_origin(
     port: int = 0,
     *,
     route: Route = _route,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the origin on host:port until cancelled (``route`` answers each
-    request: this module's routes, or scripts/chaos_origin.py's).
+    request: this module's routes, or scripts/chaos_origin.py's; over TLS with
+    ``ssl_context``).
 
     Reports the bound listeners through task_status (use port 0 and read
     listeners[0].socket.getsockname() for the port).
     """
-    handler = functools.partial(handle_connection, route=route)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        if ssl_context is None:
+            await handle_connection(stream, route)
+        else:
+            tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+            await handle_connection(tls, route)
+
     await trio.serve_tcp(handler, port, host=host, task_status=task_status)
 
 
-async def _serve_and_announce(host: str, port: int, route: Route, name: str) -> None:
+async def _serve_and_announce(
+    host: str, port: int, route: Route, name: str, ssl_context: ssl.SSLContext | None
+) -> None:
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(serve_origin, host, port, route=route))
+        listeners = await nursery.start(
+            lambda task_status: serve_origin(
+                host, port, route=route, ssl_context=ssl_context, task_status=task_status
+            )
+        )
         bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        print(f"{name} listening on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        scheme = "http" if ssl_context is None else "https"
+        print(
+            f"{name} listening on {scheme}://{bound_host}:{bound_port}", file=sys.stderr, flush=True
+        )
 
 
 def main(
@@ -265,10 +294,16 @@ def main(
 ) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
+    parser.add_argument("--tls-cert", help="certificate chain (PEM): serve https://")
+    parser.add_argument("--tls-key", help="its private key, if not in --tls-cert")
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     try:
-        trio.run(_serve_and_announce, host, port, route, name)
+        trio.run(_serve_and_announce, host, port, route, name, context)
     except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
         pass
 

@@ -21,6 +21,11 @@
 # One client at 20 MB/s costs a few percent of a core; a few hundred clients at
 # 1 MB/s each are fine.
 #
+# --tls makes the clients reach trioproxy over TLS (its listener gets a throwaway
+# self-signed certificate, scripts/_certs.py); --tls-upstream makes the origin speak
+# TLS and trioproxy reach it over verified TLS. The clients' own TLS costs this
+# process CPU (count ~1.5x a plain client), never the proxy's RSS.
+#
 # Everything is bounded: the load phase by --max-seconds, the bytes by K x N,
 # each startup and shutdown by a timeout. Processes we start are stopped by PID
 # (terminate, then kill after a grace period), with any children they spawned.
@@ -37,8 +42,10 @@ import os
 import re
 import shlex
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,7 @@ import attrs
 import h11
 import psutil
 import trio
+from _certs import Certs, self_signed
 from _stresskit import (
     SEND_BLOCK,
     Pacer,
@@ -82,7 +90,7 @@ soon and the proxy must hold or stop reading; the default would autotune to MBs.
 MAX_ERRORS_KEPT = 20
 """Distinct client errors kept for the summary; the rest are only counted."""
 
-READY_RE = re.compile(r"listening on (http://\S+)")
+READY_RE = re.compile(r"listening on (https?://\S+)")
 PROXY_KINDS = ("trioproxy", "naive", "direct")
 PHASES = ("idle", "load", "settle", "after")
 
@@ -160,6 +168,7 @@ class LoadSpec:
     upload: bool
     chunked: bool
     rcvbuf: int
+    tls: ssl.SSLContext | None = None  # the clients speak TLS, trusting this
 
 
 # ---------------------------------------------------------------- child processes
@@ -307,8 +316,22 @@ def rss_of(pid: int | None) -> int | None:
 # ---------------------------------------------------------------- clients
 
 
-async def _connect(url: str, rcvbuf: int) -> trio.SocketStream:
-    """TCP connection with SO_RCVBUF set before connect, so the window stays small."""
+async def _connect(url: str, spec: LoadSpec) -> trio.abc.Stream:
+    """TCP connection with SO_RCVBUF set before connect, so the window stays
+    small; TLS over it with ``spec.tls``."""
+    stream = await _connect_tcp(url, spec.rcvbuf)
+    if spec.tls is None:
+        return stream
+    tls = trio.SSLStream(stream, spec.tls, server_hostname="localhost", https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls
+
+
+async def _connect_tcp(url: str, rcvbuf: int) -> trio.SocketStream:
     host, port = parse_http_url(url)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -327,14 +350,14 @@ def _host_header(url: str) -> str:
 
 
 async def _next_event(
-    stream: trio.SocketStream, conn: h11.Connection, pacer: Pacer | None
+    stream: trio.abc.Stream, conn: h11.Connection, pacer: Pacer | None
 ) -> h11.Event:
     """Next h11 event; reads (paced) while h11 needs data."""
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(CLIENT_READ_SIZE)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             if data and pacer is not None:
                 await pacer.consume(len(data))
             continue
@@ -345,7 +368,7 @@ async def _next_event(
 
 
 async def _expect_ok(
-    stream: trio.SocketStream, conn: h11.Connection, pacer: Pacer | None
+    stream: trio.abc.Stream, conn: h11.Connection, pacer: Pacer | None
 ) -> h11.Response:
     event = await _next_event(stream, conn, pacer)
     while isinstance(event, h11.InformationalResponse):
@@ -358,7 +381,7 @@ async def _expect_ok(
 async def download(url: str, spec: LoadSpec, stats: LoadStats) -> None:
     """GET spec.size bytes through url at spec.rate, verifying every byte."""
     path = f"/{'chunked' if spec.chunked else 'bytes'}/{spec.size}"
-    stream = await _connect(url, spec.rcvbuf)
+    stream = await _connect(url, spec)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
         headers = [("Host", _host_header(url)), ("Connection", "close")]
@@ -379,7 +402,7 @@ async def download(url: str, spec: LoadSpec, stats: LoadStats) -> None:
 
 
 async def _send_upload_body(
-    stream: trio.SocketStream, conn: h11.Connection, size: int, stats: LoadStats
+    stream: trio.abc.Stream, conn: h11.Connection, size: int, stats: LoadStats
 ) -> None:
     view = memoryview(SEND_BLOCK)
     sent = 0
@@ -397,7 +420,7 @@ async def _send_upload_body(
 async def upload(url: str, spec: LoadSpec, stats: LoadStats) -> None:
     """POST spec.size bytes through url to an origin that reads at spec.rate."""
     target = f"/upload?rate={spec.rate}" if spec.rate else "/upload"
-    stream = await _connect(url, spec.rcvbuf)
+    stream = await _connect(url, spec)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
         headers = [
@@ -484,10 +507,19 @@ class Recorder:
 # ---------------------------------------------------------------- one proxy run
 
 
-def _proxy_argv(kind: str, origin_url: str, extra: str) -> list[str]:
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    """trioproxy's TLS arguments for --tls and --tls-upstream."""
+    certs: Certs | None = args.certs
+    if certs is None:
+        return []
+    argv = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key)] if args.tls else []
+    return argv + (["--upstream-ca", str(certs.cert)] if args.tls_upstream else [])
+
+
+def _proxy_argv(kind: str, origin_url: str, extra: str, tls: Sequence[str] = ()) -> list[str]:
     listen = ["--listen", "127.0.0.1:0", "--upstream", origin_url]
     if kind == "trioproxy":
-        return [sys.executable, "-m", "trioproxy", *listen, *shlex.split(extra)]
+        return [sys.executable, "-m", "trioproxy", *listen, *tls, *shlex.split(extra)]
     return [sys.executable, str(SCRIPTS_DIR / "naive_relay.py"), *listen, *shlex.split(extra)]
 
 
@@ -582,7 +614,7 @@ async def run_target(
         url, pid = origin.url, origin.process.pid
     else:
         extra = args.proxy_args if target.kind == "trioproxy" else args.naive_args
-        argv = _proxy_argv(target.kind, origin.url, extra)
+        argv = _proxy_argv(target.kind, origin.url, extra, _tls_argv(args))
         env = None
         if target.kind == "trioproxy":
             env = _trioproxy_env(args.trioproxy_root)
@@ -610,6 +642,8 @@ async def run_all(
         expected_sha256(spec.size)  # computed once, before any clock starts
     async with trio.open_nursery() as nursery:  # holds the stderr forwarders
         origin_argv = [sys.executable, str(SCRIPTS_DIR / "origin.py"), "--listen", "127.0.0.1:0"]
+        if args.tls_upstream:
+            origin_argv += ["--tls-cert", str(args.certs.cert), "--tls-key", str(args.certs.key)]
         origin = await start_child(nursery, "origin", origin_argv)
         try:
             for target in targets:
@@ -729,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--csv", type=Path, help="samples CSV (default results/stress-<proxy>.csv each)")
     add("--json", type=Path, help="write the summary as JSON")
     add("--png", type=Path, help="RSS plot (default results/stress-<proxies>.png)")
+    add("--tls", action="store_true", help="clients reach trioproxy over TLS")
+    add("--tls-upstream", action="store_true", help="trioproxy reaches the origin over TLS")
     return parser
 
 
@@ -747,6 +783,8 @@ def targets_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
         parser.error("each proxy may be given once per run")
     if args.clients < 1 or args.bytes < 0 or args.rate < 0:
         parser.error("--clients must be >= 1; --bytes and --rate must be >= 0")
+    if (args.tls or args.tls_upstream) and any(t.kind in ("naive", "direct") for t in targets):
+        parser.error("--tls and --tls-upstream are for trioproxy (or a --proxy-url speaking TLS)")
     return targets
 
 
@@ -759,7 +797,11 @@ def write_reports(
     else:
         for name in names:
             write_csv(Path(f"results/stress-{name}.csv"), [s for s in samples if s.proxy == name])
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {
+        k: str(v) if isinstance(v, Path | Certs) else v
+        for k, v in vars(args).items()
+        if k != "certs" or v is None
+    }
     if args.json:
         write_json(args.json, summaries, config)
     png = args.png or Path(f"results/stress-{'-vs-'.join(names)}.png")
@@ -778,12 +820,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     targets = targets_from(args, parser)
-    spec = LoadSpec(args.clients, args.bytes, args.rate, args.upload, args.chunked, args.rcvbuf)
-    try:
-        summaries, samples = trio.run(run_all, targets, spec, args)
-    except* KeyboardInterrupt:  # children were already stopped on the way out
-        _log("interrupted: no summary")
-        sys.exit(130)
+    with tempfile.TemporaryDirectory(prefix="trioproxy-certs-") as directory:
+        args.certs = self_signed(Path(directory)) if args.tls or args.tls_upstream else None
+        tls = ssl.create_default_context(cafile=str(args.certs.cert)) if args.tls else None
+        spec = LoadSpec(
+            args.clients, args.bytes, args.rate, args.upload, args.chunked, args.rcvbuf, tls
+        )
+        try:
+            summaries, samples = trio.run(run_all, targets, spec, args)
+        except* KeyboardInterrupt:  # children were already stopped on the way out
+            _log("interrupted: no summary")
+            sys.exit(130)
     write_reports(args, spec, summaries, samples)
     print(format_table(summaries))
 

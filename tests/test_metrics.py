@@ -14,7 +14,19 @@ import trio.testing
 
 import trioproxy
 from trioproxy import _metrics
-from trioproxy._metrics import answer_scrape, memory_report, render_prometheus, serve_metrics
+from trioproxy._metrics import (
+    CONNECTION_OVERHEAD_BYTES,
+    EXCHANGE_OVERHEAD_BYTES,
+    TLS_CONNECTION_OVERHEAD_BYTES,
+    TLS_LEG_OVERHEAD_BYTES,
+    ProxyMeters,
+    answer_scrape,
+    ceiling_at_limits,
+    memory_report,
+    render_prometheus,
+    serve_metrics,
+    startup_summary,
+)
 
 from .helpers import (
     BUDGETED_CONFIG,
@@ -154,3 +166,25 @@ async def test_a_scrape_without_file_descriptors_is_a_503_not_a_crash(
         status, body = await scrape(trioproxy.ProxyMeters(), path)
         assert status == 503
         assert b"Too many open files" in body
+
+
+def test_a_tls_listener_counts_its_connections_at_the_tls_overhead() -> None:
+    """With --tls-cert, the ceiling and /debug/memory count each client
+    connection at the measured TLS overhead, and each exchange with a TLS
+    leg more per leg, not the plain figures."""
+    plain = trioproxy.ProxyConfig()
+    tls = trioproxy.ProxyConfig(tls_cert=["cert.pem"])
+    assert ProxyMeters.for_config(plain).connection_overhead_bytes == CONNECTION_OVERHEAD_BYTES
+    meters = ProxyMeters.for_config(tls)
+    assert meters.connection_overhead_bytes == TLS_CONNECTION_OVERHEAD_BYTES
+    meters.client_connections = 10
+    report = memory_report(meters, rss=100, baseline_rss=0)
+    assert report["per_connection_overhead_bytes"] == TLS_CONNECTION_OVERHEAD_BYTES
+    both = trioproxy.ProxyConfig(tls_cert=["cert.pem"], upstream="https://origin.test")
+    assert report["per_exchange_overhead_bytes"] == EXCHANGE_OVERHEAD_BYTES + TLS_LEG_OVERHEAD_BYTES
+    tls_legs = ProxyMeters.for_config(both).exchange_overhead_bytes - EXCHANGE_OVERHEAD_BYTES
+    assert tls_legs == 2 * TLS_LEG_OVERHEAD_BYTES
+    gap = ceiling_at_limits(tls, 0) - ceiling_at_limits(plain, 0)
+    extra = TLS_CONNECTION_OVERHEAD_BYTES - CONNECTION_OVERHEAD_BYTES + TLS_LEG_OVERHEAD_BYTES
+    assert gap == tls.max_connections * extra
+    assert ", TLS on the listener," in startup_summary(tls, "0")

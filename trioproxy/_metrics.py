@@ -47,6 +47,12 @@ logger = logging.getLogger("trioproxy.metrics")
 # the handler's task. Measured by scripts/measure_overhead.py: 10.3-10.9 KiB
 # (docs/memory.md); rounded up.
 CONNECTION_OVERHEAD_BYTES = 12 * 1024
+# What an idle keep-alive client connection costs when the listener speaks
+# TLS: the above plus OpenSSL's state, the SSLObject and its BIOs after a
+# handshake and a small exchange. Measured by scripts/measure_overhead.py
+# --tls --idle 1000: 31.1 KiB in all (two runs; 11.3 KiB without TLS in the
+# same session); rounded up.
+TLS_CONNECTION_OVERHEAD_BYTES = 32 * 1024
 # What an exchange in progress adds beyond the payload bytes the budget
 # counts: the upstream socket, two pumps' tasks, h11's receive buffers and
 # the transient copies of a read. Measured: 27-44 KiB for stalled downloads,
@@ -58,6 +64,13 @@ EXCHANGE_OVERHEAD_BYTES = 128 * 1024
 # heap (tracemalloc, 256 idle connections); doubled for the allocator's
 # share. At most --upstream-pool-total of them (256: 1 MiB).
 POOLED_CONNECTION_OVERHEAD_BYTES = 4 * 1024
+# What each TLS leg adds to an exchange in progress: its TLS state, the BIOs,
+# and one slice of ciphertext held while its peer is slow. Measured by
+# scripts/measure_overhead.py --slow 100 (stalled downloads, same session):
+# 37.4 KiB beyond buffers on the plain channel relay (--no-splice), 99-103
+# KiB with a TLS client leg, 124 KiB with a TLS upstream leg, 190 KiB with
+# both: 62-87 KiB per leg; rounded up.
+TLS_LEG_OVERHEAD_BYTES = 96 * 1024
 # A scrape is one small request; a client that sends nothing for this long is
 # dropped, so a stuck scraper cannot pin a task and a socket for ever.
 SCRAPE_TIMEOUT_SECONDS = 10.0
@@ -93,6 +106,10 @@ class ProxyMeters:
             ``upstream``).
         tls_handshake_failures: failed TLS handshakes, by ``(leg, reason)``
             (``_tls.handshake_failure_reason``: ``not_tls``, ``timeout``, ...).
+        connection_overhead_bytes: what one open client connection costs
+            beyond payload, for the ceiling (more on a TLS listener).
+        exchange_overhead_bytes: what one exchange in progress costs beyond
+            payload, for the ceiling (more per TLS leg).
     """
 
     request_bodies: BufferGauge = attrs.Factory(BufferGauge)
@@ -111,11 +128,17 @@ class ProxyMeters:
     pooled_upstreams: Callable[[], int] = attrs.field(default=lambda: 0)
     tls_handshakes: dict[str, int] = attrs.Factory(dict)
     tls_handshake_failures: dict[tuple[str, str], int] = attrs.Factory(dict)
+    connection_overhead_bytes: int = CONNECTION_OVERHEAD_BYTES
+    exchange_overhead_bytes: int = EXCHANGE_OVERHEAD_BYTES
 
     @classmethod
     def for_config(cls, config: ProxyConfig) -> ProxyMeters:
         """Meters with a fresh budget of ``config.max_buffer_memory`` bytes."""
-        return cls(budget=MemoryBudget(config.max_buffer_memory))
+        return cls(
+            budget=MemoryBudget(config.max_buffer_memory),
+            connection_overhead_bytes=connection_overhead(config),
+            exchange_overhead_bytes=exchange_overhead(config),
+        )
 
     def count_response(self, status_code: int) -> None:
         self.responses[status_code] = self.responses.get(status_code, 0) + 1
@@ -157,11 +180,24 @@ def startup_rss() -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def connection_overhead(config: ProxyConfig) -> int:
+    """What one open client connection costs beyond payload (docs/memory.md)."""
+    return TLS_CONNECTION_OVERHEAD_BYTES if config.tls_cert else CONNECTION_OVERHEAD_BYTES
+
+
+def exchange_overhead(config: ProxyConfig) -> int:
+    """What one exchange in progress costs beyond payload: more for a TLS
+    listener and for an https:// upstream (docs/memory.md)."""
+    upstream_tls = config.upstream is not None and config.upstream.tls
+    legs = bool(config.tls_cert) + upstream_tls
+    return EXCHANGE_OVERHEAD_BYTES + legs * TLS_LEG_OVERHEAD_BYTES
+
+
 def ceiling_at_limits(config: ProxyConfig, idle_rss: int) -> int:
     """The RSS one process may reach at its configured limits: the ceiling
     formula (docs/memory.md) with every allowed connection busy with an
     exchange."""
-    per_connection = CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES
+    per_connection = connection_overhead(config) + exchange_overhead(config)
     return idle_rss + config.max_buffer_memory + config.max_connections * per_connection
 
 
@@ -184,7 +220,7 @@ def startup_summary(config: ProxyConfig, version: str) -> str:
         f"trioproxy {version}: {mode}, {workers}, memory ceiling {ceiling / mib:.0f} MiB"
         f" per process (idle {idle / mib:.0f} MiB + budget {config.max_buffer_memory / mib:.0f}"
         f" MiB + {config.max_connections} connections x "
-        f"{(CONNECTION_OVERHEAD_BYTES + EXCHANGE_OVERHEAD_BYTES) // 1024} KiB)"
+        f"{(connection_overhead(config) + exchange_overhead(config)) // 1024} KiB)"
     )
 
 
@@ -373,8 +409,8 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
     budget = _budget_statistics(meters)
     pooled = meters.pooled_upstreams()
     overhead = (
-        CONNECTION_OVERHEAD_BYTES * meters.client_connections
-        + EXCHANGE_OVERHEAD_BYTES * meters.upstream_connections
+        meters.connection_overhead_bytes * meters.client_connections
+        + meters.exchange_overhead_bytes * meters.upstream_connections
         + POOLED_CONNECTION_OVERHEAD_BYTES * pooled
     )
     capacity = budget.capacity if budget is not None else None
@@ -392,9 +428,9 @@ def memory_report(meters: ProxyMeters, *, rss: int, baseline_rss: int) -> dict[s
             "client": meters.client_connections,
             "upstream": meters.upstream_connections,
         },
-        "per_connection_overhead_bytes": CONNECTION_OVERHEAD_BYTES,
+        "per_connection_overhead_bytes": meters.connection_overhead_bytes,
         "pooled_upstream_connections": pooled,
-        "per_exchange_overhead_bytes": EXCHANGE_OVERHEAD_BYTES,
+        "per_exchange_overhead_bytes": meters.exchange_overhead_bytes,
         "per_pooled_connection_overhead_bytes": POOLED_CONNECTION_OVERHEAD_BYTES,
         "ceiling_formula": (
             "baseline_rss + budget + per_connection_overhead x client_connections"

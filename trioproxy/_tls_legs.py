@@ -31,7 +31,7 @@ slice, so the slice costs memory only while data moves (one slice of
 ciphertext held while the peer is slow), and a connection that once moved a
 large body keeps about 32 KiB of BIO afterwards, not a slice's worth. Why
 not smaller: measured through the real proxy (1 GiB, curl, nginx origin,
-this 2-core machine), process CPU per GiB fell from 6.0 s (16 KiB slices)
+this 2-core machine), process CPU per GiB fell from 5.8-6.0 s (16 KiB slices)
 and 4.6-5.0 s (32 KiB) to 3.9-4.0 s (64 KiB) through TLS termination, and
 from 9.2 s and 5.3-5.6 s to 3.6-3.9 s through a TLS upstream; docs/memory.md
 has the table.
