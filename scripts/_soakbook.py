@@ -226,9 +226,11 @@ def casualty(
     """The process fault a failure at ``now`` is expected from, if any.
 
     The kill's: an exchange on a connection the killed worker held (its
-    accepted connections at the kill), or one that connected before the kill,
-    lost its connection, and was not among the survivors' (it sat in the
-    killed worker's accept queue). The EMFILE burst's: a 502 while the proxy
+    accepted connections at the kill), or one that connected before the kill
+    or within ``FAULT_GRACE`` after it, lost its connection, and was not among
+    the survivors' (it sat in the killed worker's accept queue: the kernel
+    hands SYNs to a SO_REUSEPORT socket until the dying process's socket is
+    gone, and the client only notes its connect when the handshake returns). The EMFILE burst's: a 502 while the proxy
     was out of descriptors (it could not open an upstream socket).
     """
     if kill is not None and now >= kill.time:
@@ -236,7 +238,7 @@ def casualty(
         if ports & kill.victim_ports:
             return "kill"
         connected = exchange.first_connect
-        before = connected is not None and connected <= kill.time
+        before = connected is not None and connected <= kill.time + FAULT_GRACE
         if before and error.lost and not ports & kill.survivor_ports:
             return "kill"
     in_burst = emfile is not None and emfile.start <= now <= emfile.end + FAULT_GRACE

@@ -118,9 +118,11 @@ def test_expect_cut_fails_when_the_cut_body_looks_complete() -> None:
 
 def test_casualties_are_only_the_faults_own() -> None:
     """A kill is blamed for failures on its worker's connections, or lost ones
-    that were waiting to be accepted; not for a survivor's, not for one that
-    got an answer, not for failures before it. EMFILE only for a 502 during
-    the burst."""
+    that were waiting to be accepted (connected before it, or within
+    FAULT_GRACE after it, while the dying worker's socket still took SYNs);
+    not for a survivor's, not for one that got an answer, not for one that
+    connected later, not for failures before it. EMFILE only for a 502
+    during the burst."""
     kill = KillRecord(time=10.0, victim=1, victim_ports={5000}, survivor_ports={6000})
 
     def exchange(port: int, connected: float) -> Exchange:
@@ -135,7 +137,8 @@ def test_casualties_are_only_the_faults_own() -> None:
     assert casualty(kill, None, exchange(7000, 9.9), lost, 11.0) == "kill"
     assert casualty(kill, None, exchange(6000, 9.0), lost, 11.0) is None
     assert casualty(kill, None, exchange(7000, 9.9), answered, 11.0) is None
-    assert casualty(kill, None, exchange(7000, 10.5), lost, 11.0) is None
+    assert casualty(kill, None, exchange(7000, 10.5), lost, 11.0) == "kill"
+    assert casualty(kill, None, exchange(7000, 11.5), lost, 12.0) is None
     assert casualty(kill, None, exchange(5000, 9.0), lost, 9.5) is None
     burst = EmfileRecord(start=20.0, end=25.0)
     bad_gateway = Unexpected("expected 200; got 502", status=502)
