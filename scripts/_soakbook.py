@@ -230,8 +230,9 @@ def casualty(
     or within ``FAULT_GRACE`` after it, lost its connection, and was not among
     the survivors' (it sat in the killed worker's accept queue: the kernel
     hands SYNs to a SO_REUSEPORT socket until the dying process's socket is
-    gone, and the client only notes its connect when the handshake returns). The EMFILE burst's: a 502 while the proxy
-    was out of descriptors (it could not open an upstream socket).
+    gone, and the client only notes its connect when the handshake returns).
+    The EMFILE burst's: a 502 while the proxy was out of descriptors (it
+    could not open an upstream socket).
     """
     if kill is not None and now >= kill.time:
         ports = set(exchange.ports)
