@@ -66,7 +66,13 @@ async def read_client_origin(
     107 bytes for v1, 16 + 4,096 for v2, and one read of ``read_size``.
     """
     peer, local = _socket_addresses(stream)
-    host = client_address if client_address is not None else _peer_host(stream)
+    host = client_address
+    if host is None:
+        # The peer's address as read just above; only when the socket could
+        # not say (no TCP socket, or a peer already gone) ask _peer_host,
+        # which tells those two apart, rather than a second getpeername(2)
+        # on every connection.
+        host = peer[0] if peer is not None else _peer_host(stream)
     if not config.proxy_protocol:
         return ClientOrigin(host, peer, local)
     if host is None or not client_allowed(host, config.proxy_protocol_from):
