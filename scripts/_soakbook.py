@@ -232,7 +232,9 @@ def casualty(
     hands SYNs to a SO_REUSEPORT socket until the dying process's socket is
     gone, and the client only notes its connect when the handshake returns).
     The EMFILE burst's: a 502 while the proxy was out of descriptors (it
-    could not open an upstream socket).
+    could not open an upstream socket), or a connection lost then: a client
+    still writing its body (an Upgrade's early bytes) when that 502 came and
+    the proxy closed sees its write break before it can read the answer.
     """
     if kill is not None and now >= kill.time:
         ports = set(exchange.ports)
@@ -243,6 +245,6 @@ def casualty(
         if before and error.lost and not ports & kill.survivor_ports:
             return "kill"
     in_burst = emfile is not None and emfile.start <= now <= emfile.end + FAULT_GRACE
-    if in_burst and error.status == 502:
+    if in_burst and (error.status == 502 or error.lost):
         return "emfile"
     return None

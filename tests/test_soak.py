@@ -121,8 +121,8 @@ def test_casualties_are_only_the_faults_own() -> None:
     that were waiting to be accepted (connected before it, or within
     FAULT_GRACE after it, while the dying worker's socket still took SYNs);
     not for a survivor's, not for one that got an answer, not for one that
-    connected later, not for failures before it. EMFILE only for a 502
-    during the burst."""
+    connected later, not for failures before it. EMFILE only for a 502 or
+    a lost connection during the burst."""
     kill = KillRecord(time=10.0, victim=1, victim_ports={5000}, survivor_ports={6000})
 
     def exchange(port: int, connected: float) -> Exchange:
@@ -144,7 +144,8 @@ def test_casualties_are_only_the_faults_own() -> None:
     bad_gateway = Unexpected("expected 200; got 502", status=502)
     assert casualty(None, burst, exchange(7000, 21.0), bad_gateway, 22.0) == "emfile"
     assert casualty(None, burst, exchange(7000, 29.0), bad_gateway, 30.0) is None
-    assert casualty(None, burst, exchange(7000, 21.0), lost, 22.0) is None
+    assert casualty(None, burst, exchange(7000, 21.0), lost, 22.0) == "emfile"
+    assert casualty(None, burst, exchange(7000, 29.0), lost, 30.0) is None
 
 
 def test_proxy_log_tells_emfile_from_bugs() -> None:
