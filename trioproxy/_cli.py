@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
@@ -51,7 +52,6 @@ from ._tls_legs import prepare_tls
 from ._units import UNITS_HELP, for_argparse
 from ._units import parse_size as parse_size
 from ._version import VERSION
-from ._workers import WorkerLink, WorkerStartupError, supervise
 
 logger = logging.getLogger("trioproxy")
 
@@ -209,6 +209,36 @@ Loader = Callable[[], Settings]
 """Reads the settings again (the config file under the command line's flags)."""
 
 
+if TYPE_CHECKING:
+    from ._workers import WorkerLink
+
+# What every variable the supervisor hands a worker starts with
+# (``_workers.WORKER_FD_ENV``, ``WORKER_INDEX_ENV``). ``_workers`` is imported
+# only by a supervisor and its workers: one process alone never needs it
+# (0.1 MB of RSS).
+WORKER_ENV_PREFIX = "TRIOPROXY_WORKER_"
+
+
+def _worker_link() -> WorkerLink | None:
+    """This process's link to its supervisor, or None if it is no worker."""
+    if not any(name.startswith(WORKER_ENV_PREFIX) for name in os.environ):
+        return None
+    from ._workers import WorkerLink
+
+    return WorkerLink.from_environ()
+
+
+def _supervise(config: ProxyConfig, arguments: list[str], reload: Loader | None) -> str | None:
+    """Run ``--workers`` processes until a signal; the error if they could not start."""
+    from ._workers import WorkerStartupError, supervise
+
+    try:
+        trio.run(supervise, config, arguments, reload and (lambda: reload().config))
+    except WorkerStartupError as exc:
+        return str(exc)
+    return None
+
+
 async def _run(
     config: ProxyConfig, worker: WorkerLink | None = None, reload: Loader | None = None
 ) -> None:
@@ -299,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(arguments)
     given = given_settings(arguments)
     path: str | None = args.check_config if args.check_config is not None else args.config
-    worker = WorkerLink.from_environ()
+    worker = _worker_link()
 
     def load() -> Settings:
         settings = load_settings(path, given)
@@ -329,12 +359,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
     reload = load if path is not None else None
     try:
-        if config.workers > 1:
-            trio.run(supervise, config, arguments, reload and (lambda: load().config))
-        else:
+        if config.workers == 1:
             trio.run(_run, config, worker, reload)
-    except WorkerStartupError as exc:
-        parser.exit(1, f"trioproxy: error: {exc}\n")
+        elif (error := _supervise(config, arguments, reload)) is not None:
+            parser.exit(1, f"trioproxy: error: {error}\n")
     except OSError as exc:
         # Typically the address is in use or not ours to bind.
         address = format_listen((config.listen_host, config.listen_port))
