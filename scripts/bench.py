@@ -93,6 +93,7 @@ PEERS = (
     "trioproxy",
     "trioproxy-w2",
     "floor",
+    "floor-w2",
     "proxy.py",
     "naive_relay",
     "nginx",
@@ -100,7 +101,9 @@ PEERS = (
     "tinyproxy",
 )
 """Every peer the bench knows, in the order they are measured in each round.
-trioproxy-w2 is trioproxy with --workers 2 (its CPU is the sum of all its processes)."""
+trioproxy-w2 is trioproxy with --workers 2 (its CPU is the sum of all its processes);
+floor-w2 the floor likewise: what two processes of the least trio + h11 can do
+beside proxy.py (target 2's reach)."""
 
 # trioproxy-w2's process count: the machine has two cores, and issue #14's
 # target 2 compares two trioproxy workers with one proxy.py worker.
@@ -353,6 +356,12 @@ def start_floor(work: Path, origin: Origin, args: argparse.Namespace) -> Running
     return start_script_relay("floor", "h11_floor.py", origin)
 
 
+def start_floor_workers(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
+    argv = [sys.executable, str(SCRIPTS / "h11_floor.py"), "--listen", "127.0.0.1:0"]
+    argv += ["--workers", str(TRIOPROXY_WORKERS), "--upstream", origin.url]
+    return start_python_proxy("floor-w2", argv)
+
+
 def start_naive_relay(work: Path, origin: Origin, args: argparse.Namespace) -> Running:
     return start_script_relay("naive_relay", "naive_relay.py", origin)
 
@@ -471,6 +480,7 @@ def available(name: str, args: argparse.Namespace) -> tuple[Starter | None, str]
         return (start_trioproxy if name == "trioproxy" else start_trioproxy_workers), ""
     scripts: dict[str, tuple[str, Starter]] = {
         "floor": ("h11_floor.py", start_floor),
+        "floor-w2": ("h11_floor.py", start_floor_workers),
         "naive_relay": ("naive_relay.py", start_naive_relay),
     }
     if name in scripts:
@@ -824,6 +834,9 @@ class Target:
     bound: float
     lower_is_better: bool
     connections: tuple[int, ...]
+    # False for a yardstick line: the same ratio for a peer that is not
+    # trioproxy, printed without a verdict.
+    is_target: bool = True
 
 
 TARGETS = (
@@ -844,6 +857,15 @@ TARGETS = (
         connections=(1, 50),
     ),
     Target(
+        "2's reach, req/s floor-w2 / proxy.py",
+        ("floor-w2", "requests_per_s"),
+        ("proxy.py", "requests_per_s"),
+        1.0,
+        lower_is_better=False,
+        connections=(1, 50),
+        is_target=False,
+    ),
+    Target(
         "3, p99 / p50 trioproxy",
         ("trioproxy", "p99_ms"),
         ("trioproxy", "p50_ms"),
@@ -852,7 +874,9 @@ TARGETS = (
         connections=(50,),
     ),
 )
-"""Issue #14's targets 1-3, each at the connection counts the issue names."""
+"""Issue #14's targets 1-3, each at the connection counts the issue names, and
+what two floor processes reach beside proxy.py: target 2's ceiling for any
+proxy built on trio + h11."""
 
 
 def round_figure(result: Result, n: int, c: int, key: str) -> float | None:
@@ -879,6 +903,8 @@ def target_line(target: Target, by_name: dict[str, Result], c: int, rounds: int)
     met = best <= target.bound if target.lower_is_better else best >= target.bound
     sign = "<=" if target.lower_is_better else ">="
     each = ", ".join(cell(r, ".2f") for r in ratios)
+    if not target.is_target:
+        return f"{head}: best {best:.2f} (rounds: {each}); a yardstick, no target"
     verdict = "met" if met else "not met"
     return f"{head}: best {best:.2f} (rounds: {each}); target {sign} {target.bound:g}: {verdict}"
 

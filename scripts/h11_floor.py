@@ -23,12 +23,19 @@
 # pooled upstream connection turns out closed, no CONNECT or Upgrade, and the
 # request is relayed completely before the response is read (an upstream that
 # answers before reading the whole request body can stall it).
+#
+# --workers N runs N such processes on one port (SO_REUSEPORT, the kernel spreads
+# the connections), for the comparison with trioproxy --workers 2 (bench.py peer
+# "floor-w2"). It changes nothing per request.
 # ====================================================================================
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import socket
+import subprocess
 import sys
 
 import h11
@@ -137,11 +144,54 @@ async def serve_floor(
     await trio.serve_tcp(handler, port, host=host, task_status=task_status)
 
 
+async def serve_floor_shared(upstream_address: tuple[str, int], host: str, port: int) -> None:
+    """serve_floor on a port other processes share (SO_REUSEPORT)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    await sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(*_DROPPED):
+                await serve_client(stream, upstream_address)
+
+    print(f"floor listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    await trio.serve_listeners(handler, [trio.SocketListener(sock)])
+
+
 async def _serve_and_announce(upstream_address: tuple[str, int], host: str, port: int) -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve_floor, upstream_address, host, port)
         bound_host, bound_port = listeners[0].socket.getsockname()[:2]
         print(f"floor listening on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+
+
+def run_workers(workers: int, upstream: str, host: str, port: int) -> None:
+    """Run ``workers`` floor processes on one port; announce once all listen."""
+    if port == 0:  # pick one port for all of them
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    # SIGTERM (how bench.py stops its peers) must reach the children too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    command = [sys.executable, __file__, "--listen", f"{host}:{port}", "--upstream", upstream]
+    children = [
+        subprocess.Popen([*command, "--shared-port"], stderr=subprocess.PIPE)
+        for _ in range(workers)
+    ]
+    try:
+        for child in children:  # each announces once it listens, and says nothing more
+            assert child.stderr is not None
+            child.stderr.readline()
+        print(f"floor listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        for child in children:
+            child.wait()
+    finally:
+        for child in children:
+            child.terminate()
+            child.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,10 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     parser.add_argument("--upstream", required=True, help="http://HOST:PORT of the origin")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
+    parser.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     host, port = parse_host_port(args.listen)
     try:
-        trio.run(_serve_and_announce, parse_http_url(args.upstream), host, port)
+        if args.workers > 1:
+            run_workers(args.workers, args.upstream, host, port)
+        elif args.shared_port:
+            trio.run(serve_floor_shared, parse_http_url(args.upstream), host, port)
+        else:
+            trio.run(_serve_and_announce, parse_http_url(args.upstream), host, port)
     except* KeyboardInterrupt:  # Ctrl-C is the normal way to stop (trio may wrap it)
         pass
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import h11
+import psutil
+import pytest
 import trio
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -54,16 +56,19 @@ async def exchange(
     return response.status_code, dict(response.headers), data
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_floor_relays_both_framings_on_one_keep_alive_connection(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, workers: int
 ) -> None:
-    """`h11_floor.py` prints 'floor listening on URL'; through it, on ONE client
-    connection: a chunked response arrives whole and chunked, a chunked upload
-    and a Content-Length upload reach the origin byte for byte."""
+    """`h11_floor.py` prints 'floor listening on URL' (with ``--workers 2``,
+    once both processes listen); through it, on ONE client connection: a
+    chunked response arrives whole and chunked, a chunked upload and a
+    Content-Length upload reach the origin byte for byte. Stopped with
+    SIGTERM, it leaves no process behind."""
     listeners = await nursery.start(origin.serve_origin, "127.0.0.1", 0)
     origin_port = listeners[0].socket.getsockname()[1]
     argv = [sys.executable, str(SCRIPTS / "h11_floor.py"), "--listen", "127.0.0.1:0"]
-    argv += ["--upstream", f"http://127.0.0.1:{origin_port}"]
+    argv += ["--upstream", f"http://127.0.0.1:{origin_port}", "--workers", str(workers)]
     process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     try:
         assert process.stderr is not None
@@ -90,8 +95,12 @@ async def test_floor_relays_both_framings_on_one_keep_alive_connection(
                         "sha256": expected_sha256(200_001),
                         "pattern_ok": True,
                     }
+        children = psutil.Process(process.pid).children()
+        assert len(children) == (workers if workers > 1 else 0)
     finally:
         process.terminate()
         await process.wait()
         assert process.stderr is not None
         await process.stderr.aclose()
+    _, alive = psutil.wait_procs(children, timeout=RUN_LIMIT)
+    assert alive == []
