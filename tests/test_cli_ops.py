@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from trioproxy._accesslog import AccessRecord, JsonFormatter, access_logger, log_access
+from trioproxy._accesslog import (
+    AccessRecord,
+    JsonFormatter,
+    access_logger,
+    log_access,
+    use_access_log_buffer,
+)
 from trioproxy._cli import (
     build_parser,
     config_from_args,
@@ -75,6 +81,7 @@ def restore_logging() -> Iterator[None]:
     saved = (root.level, list(root.handlers), access_logger.level, list(access_logger.handlers))
     saved_propagate = access_logger.propagate
     yield
+    use_access_log_buffer(None)
     for handler in access_logger.handlers:
         handler.close()
     root.setLevel(saved[0])
@@ -88,7 +95,9 @@ async def test_json_access_log_to_a_file(tmp_path: Path, restore_logging: None) 
     """``--access-log PATH --log-format json`` appends one JSON object per
     request to the file, and not to the diagnostics."""
     path = tmp_path / "access.log"
-    args = build_parser().parse_args(["--access-log", str(path), "--log-format", "json"])
+    args = build_parser().parse_args(
+        ["--access-log", str(path), "--log-format", "json", "--access-log-buffer", "0"]
+    )
     configure_logging(log_settings_from_args(args))
     assert isinstance(access_logger.handlers[0].formatter, JsonFormatter)
     assert access_logger.propagate is False

@@ -19,6 +19,7 @@ from trioproxy._limits import (
     descriptors_needed,
     raise_open_file_limit,
     serve_listeners_limited,
+    take_slot,
 )
 
 from .fakes import FakeListener, HeldConnections, Stream
@@ -51,6 +52,21 @@ async def test_connection_beyond_limit_waits_until_one_ends() -> None:
         assert held.most_active == 2
         nursery.cancel_scope.cancel()
     assert listener.closed
+
+
+async def test_free_slot_is_taken_without_a_schedule_point() -> None:
+    """A free connection slot costs the accept loop no pass of the run loop
+    (the accept yields already); only a full limiter makes it wait."""
+    limiter = trio.Semaphore(1)
+    with trio.testing.assert_no_checkpoints():
+        await take_slot(limiter)
+    assert limiter.value == 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take_slot, limiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert limiter.statistics().tasks_waiting == 1
+        limiter.release()
+    assert limiter.value == 0
 
 
 async def test_limit_holds_across_listeners() -> None:

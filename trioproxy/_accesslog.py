@@ -13,15 +13,36 @@ object per line for log collectors.
 
 Durations use trio's clock, counted from the first byte of the request head,
 as nginx's ``$request_time``.
+
+**The buffered access log** (``--access-log-buffer``, the command line's
+default), like nginx's ``access_log ... buffer= flush=``: a line handed to
+``logging`` costs a LogRecord, a handler lock, a format and a write(2), about
+a tenth of a small request's CPU (scripts/BENCH.md). With an
+``AccessLogBuffer`` installed (``use_access_log_buffer``), ``log_access``
+formats the line itself, exactly as the handler's formatter would, and
+appends it to the buffer:
+
+* Bound: at most ``max_bytes`` of lines wait; the line that reaches it sends
+  them all. ``flush_access_log_forever`` (run by the command line beside the
+  server) writes them at least every ``FLUSH_SECONDS``, and once more when it
+  is cancelled, which is how the server's shutdown ends.
+* Loss window: a crash that skips Python's unwinding (SIGKILL, the OOM
+  killer, a segfault) loses the lines of the last ``FLUSH_SECONDS`` at most,
+  and at most ``max_bytes`` of them. Per-line logging loses none.
+* Writes are whole lines, at most ``PIPE_BUF`` bytes each, so the lines of
+  several ``--workers`` sharing one pipe (stderr) never interleave mid-line.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import select
 import time
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 import h11
@@ -31,11 +52,20 @@ from ._errors import ClientGone, ProxyError
 from ._relay import Progress
 
 access_logger = logging.getLogger("trioproxy.access")
+logger = logging.getLogger("trioproxy")
 
 # The longest request target written to the log, in characters; longer ones
 # are cut and marked. A target may be as long as a request head (64 KiB by
 # default): one request must not be able to write that much per log line.
 MAX_LOGGED_TARGET = 1000
+
+# The longest a buffered line waits: nginx's flush= for its access_log buffer
+# is commonly 1 to 5 s; 1 s keeps `tail -f` live enough to watch.
+FLUSH_SECONDS = 1.0
+# The most bytes one write(2) of the buffer carries: POSIX makes a pipe write
+# of at most PIPE_BUF bytes atomic, so workers' lines on one pipe never
+# interleave. (512 is POSIX's minimum, where select does not say.)
+WRITE_LIMIT: int = getattr(select, "PIPE_BUF", 512)
 
 
 @attrs.define
@@ -194,7 +224,12 @@ class LoggedExchange:
 
 
 def log_access(record: AccessRecord) -> None:
-    """Emit ``record`` on ``trioproxy.access`` at info level."""
+    """Emit ``record`` on ``trioproxy.access`` at info level, or into the
+    installed ``AccessLogBuffer``."""
+    buffer = _buffer
+    if buffer is not None:
+        buffer.append(record.fields(trio.current_time()))
+        return
     if not access_logger.isEnabledFor(logging.INFO):
         return
     fields = record.fields(trio.current_time())
@@ -210,8 +245,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _utc_stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -223,3 +257,123 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
+
+
+# --- The buffered access log -------------------------------------------------
+
+
+class AccessLogBuffer:
+    """Access lines waiting to be written to ``stream`` together.
+
+    Lines are formatted as the command line's per-line handler formats them:
+    ``%(asctime)s %(message)s``, or ``JsonFormatter``'s object with
+    ``json_format``.
+
+    Memory: at most ``max_bytes`` of lines (ASCII: one byte a character),
+    plus one line over it until the write it triggers.
+
+    Args:
+        stream: the open access log (a file, or stderr).
+        max_bytes: lines that may wait before they are written at once.
+        json_format: one JSON object per line instead of the text line.
+    """
+
+    def __init__(self, stream: TextIO, *, max_bytes: int, json_format: bool) -> None:
+        self._stream = stream
+        self._max_bytes = max_bytes
+        self._json = json_format
+        self._lines: list[str] = []
+        self._size = 0
+
+    def append(self, fields: dict[str, Any]) -> None:
+        """Format one exchange's line now; write the lines if they reach the bound."""
+        line = access_line(fields, time.time(), json_format=self._json)
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self._max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every waiting line. A failed write drops them and says so once
+        on the diagnostic log, as ``logging`` reports a handler's failure."""
+        lines, self._lines, self._size = self._lines, [], 0
+        try:
+            for batch in _batches(lines, WRITE_LIMIT):
+                self._stream.write(batch)
+                self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            logger.warning("could not write %d access log lines: %s", len(lines), exc)
+
+
+def _batches(lines: list[str], limit: int) -> Iterator[str]:
+    """Whole lines joined into strings of at most ``limit`` characters (a
+    longer line alone)."""
+    start = size = 0
+    for index, line in enumerate(lines):
+        if size and size + len(line) > limit:
+            yield "".join(lines[start:index])
+            start, size = index, 0
+        size += len(line)
+    if size:
+        yield "".join(lines[start:])
+
+
+def access_line(fields: dict[str, Any], created: float, *, json_format: bool) -> str:
+    """The line the command line's handler writes for ``fields`` logged at
+    ``created`` (``time.time()``), newline included."""
+    if json_format:
+        data = {"time": _utc_stamp(created), "level": "info", "logger": access_logger.name}
+        data.update(fields)
+        return json.dumps(data) + "\n"
+    return f"{_local_stamp(created)} {format_text(fields)}\n"
+
+
+def _milliseconds(created: float) -> int:
+    return int((created - int(created)) * 1000)  # as logging.LogRecord.msecs
+
+
+@functools.lru_cache(maxsize=2)
+def _local_second(second: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+
+
+def _local_stamp(created: float) -> str:
+    """``logging.Formatter``'s default asctime: ``2026-11-29 20:19:20,123``."""
+    return f"{_local_second(int(created))},{_milliseconds(created):03d}"
+
+
+@functools.lru_cache(maxsize=2)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _utc_stamp(created: float) -> str:
+    """``JsonFormatter``'s time: ``2026-11-29T20:19:20.123Z``."""
+    return f"{_utc_second(int(created))}.{_milliseconds(created):03d}Z"
+
+
+_buffer: AccessLogBuffer | None = None
+
+
+def use_access_log_buffer(buffer: AccessLogBuffer | None) -> None:
+    """Send access lines to ``buffer`` from now on (None: to ``logging``, per
+    line); the lines of the previous buffer are written first."""
+    global _buffer
+    flush_access_log()
+    _buffer = buffer
+
+
+def flush_access_log() -> None:
+    """Write the installed buffer's waiting lines, if a buffer is installed."""
+    if _buffer is not None:
+        _buffer.flush()
+
+
+async def flush_access_log_forever() -> None:
+    """Flush the buffer every ``FLUSH_SECONDS`` until cancelled, then once more."""
+    try:
+        while True:
+            await trio.sleep(FLUSH_SECONDS)
+            flush_access_log()
+    finally:
+        flush_access_log()

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import trio
 
-from ._accesslog import JsonFormatter, access_logger
+from ._accesslog import (
+    AccessLogBuffer,
+    JsonFormatter,
+    access_logger,
+    flush_access_log,
+    flush_access_log_forever,
+    use_access_log_buffer,
+)
 from ._config import AUTH_ENVIRONMENT_VARIABLE as AUTH_ENVIRONMENT_VARIABLE
 from ._config import (
     GROUPS,
@@ -168,7 +175,7 @@ def configure_logging(settings: LogSettings) -> None:
     def formatter(text_format: str) -> logging.Formatter:
         return JsonFormatter() if settings.log_format == "json" else logging.Formatter(text_format)
 
-    access_handler: logging.Handler | None = None
+    access_handler: logging.StreamHandler[Any] | None = None
     if settings.access_log != "off":
         access_handler = (
             logging.StreamHandler(sys.stderr)
@@ -180,6 +187,7 @@ def configure_logging(settings: LogSettings) -> None:
     diagnostics.setFormatter(formatter(_TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[diagnostics], force=True)
     access_logger.propagate = False
+    use_access_log_buffer(None)  # writes the old buffer's lines before its file closes
     for old in list(access_logger.handlers):
         access_logger.removeHandler(old)
         old.close()
@@ -188,6 +196,13 @@ def configure_logging(settings: LogSettings) -> None:
         return
     access_logger.addHandler(access_handler)
     access_logger.setLevel(logging.INFO)
+    if settings.access_log_buffer > 0:  # the lines skip logging; see _accesslog
+        buffer = AccessLogBuffer(
+            access_handler.stream,
+            max_bytes=settings.access_log_buffer,
+            json_format=settings.log_format == "json",
+        )
+        use_access_log_buffer(buffer)
 
 
 def _check_open_file_limit(config: ProxyConfig) -> None:
@@ -265,10 +280,14 @@ async def _run(
                     reloads=reloads if reload is not None else None,
                     task_status=task_status,
                 )
+                flush_access_log()  # the exchanges' lines before the last line
                 print(f"trioproxy stopped: {report}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
 
             nursery.start_soon(_watch_signals, signals, first_signal, nursery.cancel_scope)
+            # Writes the buffered access lines (if --access-log-buffer) each
+            # second, and once more when the drain ends and cancels it.
+            nursery.start_soon(flush_access_log_forever)
             listeners = await nursery.start(serve_then_stop)
             host, port = listeners[0].socket.getsockname()[:2]
             if worker is None:

@@ -1095,6 +1095,24 @@ class LogSettings:
             help="where to append one line per request: a file, - for stderr, or off",
         ),
     )
+    # Bytes of access lines that may wait to be written together, as nginx's
+    # access_log buffer=; 0 writes each line as its exchange ends (through
+    # logging). Lines wait at most 1 s and are written at shutdown; a crash
+    # that kills the process outright (SIGKILL, the OOM killer) loses at most
+    # the last second's lines and at most this many bytes. 4 KiB (PIPE_BUF)
+    # holds ~30 lines for one write(2): past that the per-line cost no longer
+    # shows, and a write that size stays atomic on a pipe shared by workers.
+    # An embedding application's access log stays on the logging module.
+    access_log_buffer: int = attrs.field(
+        default=4 * KiB,
+        validator=_in_range(0, 16 * MiB),
+        metadata=_bytes(
+            "--access-log-buffer",
+            "access lines held to be written together, each for at most 1 s "
+            "(a crash that kills the process may lose them); 0: every line at once",
+            group="logging",
+        ),
+    )
 
 
 SETTINGS_CLASSES: tuple[type[attrs.AttrsInstance], ...] = (ProxyConfig, LogSettings)
