@@ -124,3 +124,27 @@ async def test_impossible_reservations_are_refused() -> None:
         MemoryBudget(0)
     with pytest.raises(ValueError, match="reserve"):
         MemoryBudget(10, reserve=10)
+
+
+async def test_acquire_nowait_takes_only_what_acquire_would_grant_at_once() -> None:
+    """The pump's fast path: no overtaking a queued waiter, no read-ahead into
+    the reserve, no reservation over the free bytes; else it grants like
+    ``acquire`` and the counts add up."""
+    budget = MemoryBudget(8, reserve=4)
+    first, other = budget.open_account(), budget.open_account()
+    first.acquire_nowait(2)  # a first reservation that fits
+    first.acquire_nowait(2)  # read-ahead leaving 4 free: allowed
+    with pytest.raises(trio.WouldBlock):
+        first.acquire_nowait(1)  # read-ahead into the reserve
+    with pytest.raises(trio.WouldBlock):
+        other.acquire_nowait(5)  # more than is free
+    assert (first.held, other.held, budget.statistics().held) == (4, 0, 4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other.acquire, 5)  # queued: 4 free
+        await trio.testing.wait_all_tasks_blocked()
+        late = budget.open_account()
+        with pytest.raises(trio.WouldBlock):
+            late.acquire_nowait(1)  # fits, but the queued first one comes first
+        first.release(1)
+    assert (other.held, late.held, budget.statistics().held) == (5, 0, 8)
+    assert budget.statistics().peak == 8

@@ -156,6 +156,7 @@ class BodyReader:
         self._limit = limit
         self._rest: Chunk = b""
         self._ended = False
+        self._needs_data = False  # h11 said NEED_DATA last: read before parsing
 
     async def read(self) -> Chunk:
         """The next chunk of the body, or ``b""`` after its end."""
@@ -171,6 +172,8 @@ class BodyReader:
     async def _receive(self) -> tuple[Chunk, bool]:
         """Body bytes of one read and all h11 holds; True if the message ended."""
         pieces: list[Chunk] = []
+        if self._needs_data:  # asking h11 first would only say NEED_DATA again
+            await self._source.receive_once()
         event = await self._source.next_event()
         while isinstance(event, h11.Data):
             if event.data:
@@ -178,6 +181,7 @@ class BodyReader:
             event = self._source.next_event_nowait()
         if event is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
             raise AssertionError(f"unexpected h11 event in a body: {event!r}")  # pragma: no cover
+        self._needs_data = event is h11.NEED_DATA
         # The usual single piece goes on as h11 made it; several are joined once.
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data, isinstance(event, h11.EndOfMessage)

@@ -155,6 +155,21 @@ class MemoryBudget:
             self._wait_seconds += trio.current_time() - started
             account.waiter = None
 
+    def _grant_now(self, account: BudgetAccount, size: int) -> bool:
+        """Grant ``size`` at once if a queued request would be granted at once
+        too: nobody waits ahead of it and it fits its class's rule. Else False."""
+        if account.waiter is not None or size > self.capacity:
+            return False
+        if account.held:  # a further reservation: behind every waiter, above the reserve
+            if self._first or self._further or size + self.reserve > self.free:
+                return False
+        elif self._first or size > self.free:  # a first one: behind first waiters only
+            return False
+        account.held += size
+        self._held += size
+        self._peak = max(self._peak, self._held)
+        return True
+
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._further if waiter in self._further else self._first
         queue.remove(waiter)
@@ -217,6 +232,20 @@ class BudgetAccount:
                 never be granted).
         """
         await self.budget._acquire(self, size)
+
+    def acquire_nowait(self, size: int) -> None:
+        """Take ``size`` bytes now, if ``acquire`` would be granted them
+        without queueing (no waiter ahead, and they fit).
+
+        No checkpoint, no ``trio.Event``: the pump's reader calls it before
+        every read, and the read that follows is its schedule point.
+
+        Raises:
+            trio.WouldBlock: they are not free now, or others wait first;
+                ``acquire`` queues for them.
+        """
+        if not self.budget._grant_now(self, size):
+            raise trio.WouldBlock
 
     def release(self, size: int) -> None:
         """Give back ``size`` of the bytes this account holds."""

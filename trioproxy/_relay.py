@@ -272,7 +272,10 @@ class Pump:
         if account is None:
             chunk = await read()
         else:
-            await account.acquire(self._read_size)
+            try:  # the usual case, without the scheduler round trip of acquire
+                account.acquire_nowait(self._read_size)
+            except trio.WouldBlock:
+                await account.acquire(self._read_size)
             chunk = await read()
             if len(chunk) > self._read_size:
                 raise ValueError(f"read returned {len(chunk)} bytes, over {self._read_size}")
@@ -289,13 +292,31 @@ class Pump:
         with self._receive_channel:
             if first:
                 await self._write_first(write, first)
-            async for chunk in self._receive_channel:
-                size = len(chunk)
-                await write(chunk)
-                # Dead before its bytes go back to the budget: a loop variable
-                # would pin it while the writer waits for the next chunk.
-                del chunk
-                self._written(size, account)
+            while await self._write_one(write, account):
+                pass
+
+    async def _write_one(self, write: WriteChunk, account: BudgetAccount | None) -> bool:
+        """Write the next chunk from the channel; False at its end.
+
+        A chunk already waiting is taken without the scheduler round trip of
+        ``receive``: the write is this step's schedule point. The chunk dies
+        with this frame, before its bytes go back to the budget, not while
+        the writer waits for the next one.
+        """
+        try:
+            chunk = self._receive_channel.receive_nowait()
+        except trio.WouldBlock:
+            try:
+                chunk = await self._receive_channel.receive()
+            except trio.EndOfChannel:
+                return False
+        except trio.EndOfChannel:
+            return False
+        size = len(chunk)
+        await write(chunk)
+        del chunk
+        self._written(size, account)
+        return True
 
     async def _write_first(self, write: WriteChunk, first: PendingBody) -> None:
         """Write the pending first chunk; it dies with this frame, not the pump."""
