@@ -132,6 +132,28 @@ async def test_lines_are_written_every_second_and_when_cancelled(
     assert stream.getvalue().count("\n") == 2
 
 
+async def test_the_flusher_holds_no_deadline_while_nothing_waits(
+    autojump_clock: trio.testing.MockClock, restore_logging: None
+) -> None:
+    """With no line waiting, the flusher waits without a clock, so it never
+    keeps trio's deadline heap (and the ended timeouts of past exchanges in
+    it) alive; a line starts the clock, its write stops it again."""
+    stream = io.StringIO()
+    use_access_log_buffer(AccessLogBuffer(stream, max_bytes=1 << 20, json_format=False))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush_access_log_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+        log_access(record())
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline <= FLUSH_SECONDS
+        await trio.sleep(FLUSH_SECONDS * 1.1)
+        assert stream.getvalue().count("\n") == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_command_line_buffers_by_default(tmp_path: Path, restore_logging: None) -> None:
     """With the default flags a line reaches the file when flushed, not before."""
     path = tmp_path / "access.log"
