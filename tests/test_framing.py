@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trioproxy
 from trioproxy._errors import BadRequest, HeadersTooLarge, ProxyError, URITooLong
@@ -302,3 +304,74 @@ def test_unfinished_head_is_reported() -> None:
     """check_request_head refuses a head without its empty line."""
     with pytest.raises(BadRequest, match="unfinished"):
         check_request_head(LINE + HOST, LIMITS)
+
+
+# --- The shortcut for a whole plain head ----------------------------------------
+
+SMALL_LIMITS = HeadLimits(max_head_size=160, max_header_fields=3, max_target_length=24)
+# Each list: the well-formed choices first, then the flaws the line checks look for.
+REQUEST_LINES = (
+    [b"GET / HTTP/1.1", b"POST http://e.com/a?b HTTP/1.0", b"GET /caf\xc3\xa9 HTTP/1.1"],
+    [
+        *(b"GET /a\x01 HTTP/1.1", b"GET /a\x7f HTTP/1.1", b"GET  / HTTP/1.1", b"G\tT / HTTP/1.1"),
+        *(b"GET /\ta HTTP/1.1", b"GET / HTTP/1.1 x", b"GET / HTTP/11", b"GET / http/1.1"),
+        *(b"G:T / HTTP/1.1", b"", b"GET /" + b"a" * 30 + b" HTTP/1.1"),
+    ],
+)
+NAMES = (
+    [b"Host", b"host", b"Content-Length", b"CONTENT-LENGTH", b"Transfer-Encoding", b"X-A"],
+    [b" X-A", b"X A", b"", b"X\x01", b"X\x7f", b"X-Host", b"Hostx"],  # last two: no flaw
+)
+VALUES = (
+    [b"e.com", b" 5 ", b"5", b"05", b"chunked", b"\tChunked ", b"\xc3\xa9", b"", b"a" * 40],
+    [b"5, 5", b"chunked, x", b"a\x01", b"a\x7f", b"a\rb", b"a\nb", b"a\x0bb", b"a\x00"],
+)
+COLONS = ([b":", b": "], [b"", b" :"])
+ENDS = ([b"\r\n"], [b"\n", b"\r", b""])
+
+
+def pick(draw: st.DrawFn, choices: tuple[list[bytes], list[bytes]]) -> bytes:
+    """A well-formed choice three times in four, else any."""
+    good, flawed = choices
+    return draw(st.sampled_from(good if draw(st.integers(0, 3)) else good + flawed))
+
+
+@st.composite
+def raw_heads(draw: st.DrawFn) -> bytes:
+    """Heads that are mostly well-formed, with the flaws the line checks look for."""
+    raw = pick(draw, REQUEST_LINES) + pick(draw, ENDS)
+    for _ in range(draw(st.integers(0, 5))):
+        raw += pick(draw, NAMES) + pick(draw, COLONS) + pick(draw, VALUES) + pick(draw, ENDS)
+    return raw + pick(draw, ENDS) + draw(st.sampled_from([b"", b"body\r\n\r\n"]))
+
+
+def verdict(pieces: list[bytes]) -> tuple[object, ...]:
+    """What a fresh guard says after ``pieces``: done and bytes held, or the error."""
+    guard = RequestHeadGuard(SMALL_LIMITS)
+    try:
+        for piece in pieces:
+            guard.feed(piece)
+    except ProxyError as error:
+        return (type(error), str(error))
+    return (guard.done, guard.buffered_bytes)
+
+
+@settings(max_examples=3000, derandomize=True, deadline=None)
+@given(raw_heads())
+def test_whole_head_shortcut_gives_the_line_checks_verdict(raw: bytes) -> None:
+    """A head fed whole (the shortcut may take it) gets the same verdict and
+    message as the same head fed in two pieces (only the line checks run)."""
+    assert verdict([raw]) == verdict([raw[:1], raw[1:]])
+
+
+def test_a_plain_head_is_accepted_whole_by_the_shortcut() -> None:
+    """The usual curl head passes the shortcut alone (it is not dead code),
+    and ambiguous framing in a plain head is still refused there."""
+    raw = head(line=b"GET /1k HTTP/1.1\r\n") + b"next"
+    guard = RequestHeadGuard(LIMITS)
+    assert guard._plain_head(raw)
+    assert guard.done
+    ambiguous = head(b"Content-Length: 4", b"Transfer-Encoding: chunked")
+    with pytest.raises(BadRequest, match="Content-Length together with Transfer-Encoding"):
+        RequestHeadGuard(LIMITS)._plain_head(ambiguous)
+    assert not RequestHeadGuard(LIMITS)._plain_head(head(b"X-A: a", b" b"))  # obs-fold

@@ -37,6 +37,17 @@ Because the guard rejects every LF not preceded by CR, the end of an accepted
 head (the first empty line) is exactly where h11 ends it, so the two parsers
 agree on what the head is; the guard only ever adds refusals.
 
+The usual head, short and plain, comes whole in one read. For it the guard
+first tries ``_plain_head``: one regular expression over the whole head that
+accepts only what the line-by-line checks accept (the same token, target,
+version and value byte classes, CRLF line ends, no empty line before the
+end), then the limits and the framing fields as above. Anything it does not
+accept, or a head that arrives in pieces, goes through the lines one by one,
+which say what is wrong; so the shortcut changes no verdict and no message,
+only the cost of a clean head (issue #14: a curl head took 6.7 µs through
+the lines, 2.2 µs through the shortcut). ``tests/test_framing.py`` checks
+that both ways give the same verdict on thousands of flawed heads.
+
 The body is left to h11, which re-frames it for the upstream: chunk sizes must
 be 1 to 20 hex digits, and chunk data must be followed by CRLF. h11 tolerates
 whitespace after the chunk size and any bytes but LF in a chunk extension; it
@@ -57,13 +68,26 @@ from ._errors import BadRequest, HeadersTooLarge, URITooLong
 # hold an over-long target (or an absurd method), so it gets 414 early.
 REQUEST_LINE_SLACK = 64
 
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_TCHAR = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
+_TOKEN = re.compile(_TCHAR + rb"+")
 # Control characters other than HTAB, and DEL (RFC 9110 5.5: field values are
 # VCHAR, obs-text, SP and HTAB). CR and LF are handled as line structure.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]+")
 _OWS = b" \t"
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9]\.[0-9])")
+# A whole head in the byte classes the line checks allow: request line
+# (method token, a target of visible bytes and obs-text, the version), field
+# lines (token, colon, value bytes other than controls), the empty line.
+# No class admits CR or LF, so every line ends in CRLF and the head ends at
+# its first empty line, as the line checks read it.
+_PLAIN_HEAD = re.compile(
+    rb"(?:" + _TCHAR + rb"+) ([\x21-\x7e\x80-\xff]+) HTTP/([0-9]\.[0-9])\r\n"
+    rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*\r\n"
+)
+# The fields the framing checks count, in a head _PLAIN_HEAD accepted (where
+# every CRLF ends a line, so the name after one starts a field line).
+_FRAMING_FIELD = re.compile(rb"\r\n(host|content-length|transfer-encoding):([^\r]*)", re.I)
 
 
 @attrs.frozen(kw_only=True)
@@ -129,6 +153,8 @@ class RequestHeadGuard:
             URITooLong: the request target is over ``max_target_length`` (414).
             HeadersTooLarge: too many fields or too many bytes (431).
         """
+        if self._lines == 0 and not self._partial and self._plain_head(data):
+            return
         start = 0
         while not self.done and start < len(data):
             end = data.find(b"\n", start)
@@ -146,6 +172,38 @@ class RequestHeadGuard:
             self._seen += len(line)
             self._check_line(line)
             self._check_size(0)
+
+    def _plain_head(self, data: bytes) -> bool:
+        """Check a whole head at the start of ``data`` at once, if it is plain
+        and within the limits; False (nothing consumed) sends it through the
+        line checks, which name what is wrong (see the module comment).
+
+        Raises:
+            BadRequest: the framing fields are ambiguous (as ``_check_framing``).
+        """
+        end = data.find(b"\r\n\r\n")
+        if end == -1:
+            return False
+        head = data[: end + 4]
+        match = _PLAIN_HEAD.fullmatch(head)
+        if match is None:
+            return False
+        limits = self._limits
+        lines = head.count(b"\r\n")
+        if (
+            len(head) > limits.max_head_size
+            or lines - 2 > limits.max_header_fields
+            or len(match.group(1)) > limits.max_target_length
+        ):
+            return False
+        summary = self._summary
+        summary.http_version = match.group(2)
+        summary.fields = lines - 2
+        for name, value in _FRAMING_FIELD.findall(head):
+            _remember(summary, name.lower(), value.strip(_OWS))
+        self._seen, self._lines, self.done = len(head), lines, True
+        _check_framing(summary)
+        return True
 
     def _check_unfinished_line(self) -> None:
         if self._lines == 0:
