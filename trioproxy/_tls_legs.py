@@ -132,17 +132,6 @@ def _client_context(
     )
 
 
-async def upstream_context_when_needed(config: ProxyConfig) -> ssl.SSLContext:
-    """``upstream_context``, built in a worker thread the first time.
-
-    Loading the system's trust store takes ~25 ms (measured: 144
-    certificates); built on the event loop, that would stall every
-    connection once. Later calls find it in the cache (a thread hop is
-    cheap next to the handshake that follows).
-    """
-    return await trio.to_thread.run_sync(upstream_context, config)
-
-
 def needs_upstream_tls(config: ProxyConfig) -> bool:
     """Whether upstream TLS can happen: an https:// upstream, or forward
     mode (an https:// target may come)."""
@@ -162,7 +151,11 @@ def prepare_tls(config: ProxyConfig) -> ssl.SSLContext | None:
     named) builds its upstream context at the first ``https://`` target
     instead: no file can be wrong, and the store's certificates cost 1.7 MB
     of RSS (measured idle: 31.3 MB with it, 29.6 MB without) that a proxy
-    never asked for an https:// target would carry for nothing.
+    never asked for an https:// target would carry for nothing. Loading
+    them then holds the event loop once, for ~25 ms (144 certificates). Not
+    in a worker thread: a thread's real time lets a test's autojump clock
+    run ahead while it works, and a hop per new TLS connection buys nothing
+    once the context is cached.
 
     Raises:
         ValueError: naming the file and the fault.
@@ -284,7 +277,7 @@ async def open_upstream_tls(
     try:
         tls_stream = await open_tls_upstream(
             stream,
-            await upstream_context_when_needed(config),
+            upstream_context(config),
             host=host,
             port=port,
             server_hostname=server_hostname,
