@@ -16,14 +16,18 @@ import ssl
 import termios
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
 
+import trioproxy
 from trioproxy._errors import BadGateway
+from trioproxy._metrics import ProxyMeters
 from trioproxy._tls import (
     TLS_RECORD_OVERHEAD,
     TLS_RECORD_SIZE,
@@ -340,3 +344,57 @@ async def test_tls_stream_takes_the_socket_only_from_a_bare_socket_stream(pki: P
         assert isinstance(tls_stream(replayed, context, server_hostname="a"), BoundedTLSStream)
     memory, _ = trio.testing.memory_stream_pair()
     assert isinstance(tls_stream(memory, context, server_hostname="a"), BoundedTLSStream)
+
+
+# --- through the proxy ---------------------------------------------------------------------------
+
+
+async def test_a_client_that_reads_nothing_bounds_what_a_socket_tls_upstream_gives(
+    pki: Pki,
+) -> None:
+    """Issue #11 point 7 over a real TLS upstream socket (so the upstream
+    leg is a ``SocketTLSStream``): a client that reads the head and then
+    nothing leaves at most the pump's (N + 2) x read_size held, the origin
+    cannot finish, and then everything arrives byte-exact."""
+    size = 48_000_000  # more than loopback's socket buffers can hide
+    sent = [0]
+
+    async def origin(stream: trio.SocketStream) -> None:
+        tls = SocketTLSStream(stream, server_context([pki.pair("localhost")]), server_side=True)
+        async with tls:
+            conn = h11.Connection(h11.SERVER)
+            while conn.next_event() is h11.NEED_DATA:
+                conn.receive_data(bytes(await tls.receive_some()))
+            await tls.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            for start in range(0, size, 1_000_000):
+                await tls.send_all(payload(1_000_000))
+                sent[0] = start + 1_000_000
+
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_tcp, origin, 0, host="127.0.0.1")
+        (listener,) = await nursery.start(serve)
+        port = listener.socket.getsockname()[1]
+        config = trioproxy.ProxyConfig(
+            upstream=f"https://127.0.0.1:{port}", upstream_ca=str(pki.ca), buffer_chunks=3
+        )
+        meters = ProxyMeters()
+        client, proxy_side = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(partial(trioproxy.handle_connection, proxy_side, config, meters=meters))
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(method="GET", target="/", headers=[("Host", "x")])
+        await client.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        while (event := conn.next_event()) is h11.NEED_DATA:
+            conn.receive_data(bytes(await client.receive_some(1024)))
+        assert isinstance(event, h11.Response)
+
+        await trio.testing.wait_all_tasks_blocked()
+        assert meters.response_bodies.held <= (config.buffer_chunks + 2) * config.read_size
+        assert sent[0] < size
+        digest = hashlib.sha256()
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await client.receive_some(1 << 20)))
+            elif isinstance(event, h11.Data):
+                digest.update(event.data)
+        assert digest.digest() == hashlib.sha256(payload(1_000_000) * (size // 1_000_000)).digest()
+        nursery.cancel_scope.cancel()
