@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import ssl
 import termios
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -146,6 +147,23 @@ async def test_a_receive_takes_at_most_one_record_beyond_what_it_returns(
             received += chunk
         received += await read_exactly(server, len(data) - len(received))
     assert received == data
+
+
+async def test_a_receive_that_waits_holds_no_buffer(pki: Pki) -> None:
+    """An idle keep-alive connection waits in ``receive_some(read_size)``:
+    the read buffer is made when records are there, not while it waits
+    (64 KiB per idle connection otherwise)."""
+    async with tls_pair(pki, max_read=64 * KiB) as (client, server), trio.open_nursery() as nursery:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            nursery.start_soon(server.receive_some, 64 * KiB)
+            await trio.testing.wait_all_tasks_blocked()
+            waiting = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert waiting < 16 * KiB
+        await client.send_all(b"wake up")
 
 
 async def test_send_all_hands_openssl_at_most_max_write_per_call(pki: Pki) -> None:

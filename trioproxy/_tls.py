@@ -1,9 +1,23 @@
-"""TLS on both legs: contexts, a TLS stream with a memory bound, the upstream handshake.
+"""TLS on both legs: contexts, two TLS streams with a memory bound, the upstream handshake.
 
-Nothing here knows the server: the listener wraps accepted sockets in
-``BoundedTLSStream(..., server_side=True)`` with ``server_context(...)``; the
+Nothing here knows the server: the listener wraps accepted connections with
+``tls_stream(..., server_side=True)`` and ``server_context(...)``; the
 upstream connector calls ``open_tls_upstream`` on a TCP stream it opened with
 ``client_context(...)``. Both legs then look like any other ``trio.abc.Stream``.
+
+Two streams, one choice. ``tls_stream`` is the one place that picks:
+
+* ``SocketTLSStream`` for a bare ``trio.SocketStream`` (nothing read from
+  it): the socket is detached from trio into an ``ssl.SSLSocket`` and
+  OpenSSL reads and writes the kernel itself, trio only waiting when
+  OpenSSL asks. No ciphertext passes through Python. Measured relaying
+  1 GiB from a TLS origin (curl <- relay <- nginx): 688 MiB/s and 1.23 s of
+  CPU per GiB, against 405 MiB/s and 2.33 s through ``BoundedTLSStream``.
+* ``BoundedTLSStream`` for every other transport (in-memory test streams,
+  ``_tls_legs.Replayed`` after a PROXY protocol header, TLS inside a parent
+  proxy's tunnel): OpenSSL over two memory BIOs that it feeds and drains
+  itself, a record at a time. What follows explains why it is not
+  ``trio.SSLStream``.
 
 Why not ``trio.SSLStream``. It keeps two OpenSSL memory BIOs, one each way,
 and three of its habits break our memory bound:
@@ -798,7 +812,9 @@ class SocketTLSStream(_TLSStreamState):
 
     * receiving: ``receive_some(max_bytes)`` returns at most ``min(max_bytes,
       max_read)`` bytes, read into one buffer of that size by one
-      ``recv_into`` per record. OpenSSL reads a record only when asked for
+      ``recv_into`` per record; the buffer is made when records are there,
+      not while the call waits (an idle keep-alive connection holds none:
+      measured, 64 KiB per idle connection otherwise). OpenSSL reads a record only when asked for
       plaintext, and the whole record, so it holds at most one record
       (16 KiB + 256 B) beyond what was returned: the rest of a record that
       did not fit. Read-ahead (OpenSSL's ``SSL_CTX_set_read_ahead``) would
@@ -923,12 +939,19 @@ class SocketTLSStream(_TLSStreamState):
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 return b""
-            buffer = bytearray(limit)
-            with memoryview(buffer) as view:
-                size = await self._retry(self._recv_into, view)
-                size += self._recv_ready(view[size:]) if size else 0
-            del buffer[size:]
-            return buffer
+            data: bytearray = await self._retry(self._receive_now, limit)
+            return data
+
+    def _receive_now(self, limit: int) -> bytearray:
+        """The plaintext of the records there, at most ``limit`` bytes;
+        raises SSLWantReadError when none is. The buffer exists only while
+        records are read: a stream waiting for its peer holds none."""
+        buffer = bytearray(limit)
+        with memoryview(buffer) as view:
+            size = self._recv_into(view)
+            size += self._recv_ready(view[size:]) if size else 0
+        del buffer[size:]
+        return buffer
 
     def _recv_into(self, view: memoryview) -> int:
         """One record's plaintext into ``view`` (its length), 0 at the end
@@ -968,15 +991,17 @@ class SocketTLSStream(_TLSStreamState):
             try:
                 result = self._tls_call(operation, *args)
             except ssl.SSLWantReadError:
-                async with self._read_wait:
-                    await trio.lowlevel.wait_readable(self.ssl_object)
+                lock, wait = self._read_wait, trio.lowlevel.wait_readable
             except ssl.SSLWantWriteError:
-                async with self._write_wait:
-                    await trio.lowlevel.wait_writable(self.ssl_object)
+                lock, wait = self._write_wait, trio.lowlevel.wait_writable
             else:
                 if not waited:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return result
+            # Waiting outside the except block: the exception's traceback
+            # would keep the failed attempt's frame (and its buffer) alive.
+            async with lock:
+                await wait(self.ssl_object)
             waited = True
 
     def _tls_call(self, operation: Callable[..., Any], *args: object) -> Any:
