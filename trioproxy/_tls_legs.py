@@ -20,14 +20,23 @@ calls:
   message says why (``certificate verify failed: ...``). The caller's
   ``connect_timeout`` covers TCP and TLS together, and its expiry is a 504.
 
-Which body path a TLS leg takes is not decided here: ``choose_body_path``
+Which TLS stream a leg gets is not decided here either: both legs call
+``_tls.tls_stream`` (through ``open_tls_upstream`` on the upstream's), which
+gives a bare TCP connection a ``SocketTLSStream`` (OpenSSL on the socket
+itself, about half the CPU per byte) and anything else a
+``BoundedTLSStream``: a client connection after a PROXY protocol header
+(``Replayed``: bytes were read ahead) and TLS through a parent proxy's
+tunnel. Neither offers ``send_eof``, which is how ``_tunnel`` knows a TLS
+leg. Which body path a TLS leg takes is not decided here: ``choose_body_path``
 (``_exchange``) splices only between two plain sockets, so any TLS leg goes
 through the bounded pump, and tunnels likewise (``_switching``).
 
 The slice size. Every TLS stream here writes at most ``read_size`` bytes of
 plaintext per transport write and reads at most the ciphertext of
 ``read_size`` per transport read (``BoundedTLSStream``; ``tls_slices``): the
-issue's "≤ read_size per call". The memory BIOs, which keep their peak size
+issue's "≤ read_size per call"; ``SocketTLSStream`` hands OpenSSL at most
+``read_size`` per write and returns at most ``read_size`` per read, OpenSSL
+taking at most one record from the kernel beyond it. The memory BIOs, which keep their peak size
 for the connection's life, see one 16 KiB record at a time whatever the
 slice, so the slice costs memory only while data moves (one slice of
 ciphertext held while the peer is slow), and a connection that once moved a
