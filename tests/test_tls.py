@@ -175,6 +175,7 @@ async def _upstream(
             error = exc
     if error is not None:
         raise error
+    assert isinstance(stream, BoundedTLSStream)  # an in-memory transport
     return stream
 
 

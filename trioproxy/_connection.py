@@ -129,6 +129,7 @@ async def handle_connection(
             except HandshakeFailed as failure:
                 ended = True
                 _log_handshake_failure(client_host, failure, started)
+                stream = failure.stream  # closed below; it may own the socket
                 return
             initial = b""
         context = ExchangeContext(

@@ -25,6 +25,7 @@ import trio
 from ._config import ProxyConfig
 from ._errors import STREAM_ERRORS
 from ._policy import client_allowed
+from ._pool import socket_under
 
 # ``_proxy_protocol`` is imported where it is used, when the feature is on:
 # most deployments never need it, and every module imported costs idle RSS.
@@ -118,17 +119,13 @@ def upstream_preface(config: ProxyConfig, origin: ClientOrigin) -> bytes:
     return encode_v1_unknown() if version == "v1" else encode_v2_local()
 
 
-def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The TCP socket under ``stream`` (through TLS, or any stream that keeps
-    the one it wraps as ``transport_stream``), if there is one."""
-    while not isinstance(stream, trio.SocketStream):
-        inner = getattr(stream, "transport_stream", None)
-        if not isinstance(inner, trio.abc.Stream):
-            return None
-        stream = inner
-    if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | socket.socket | None:
+    """The TCP socket under ``stream`` (``_pool.socket_under``: through TLS
+    either kind), if there is one."""
+    sock = socket_under(stream)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    return stream.socket
+    return sock
 
 
 def _socket_addresses(stream: trio.abc.Stream) -> tuple[Address | None, Address | None]:

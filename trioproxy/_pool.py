@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Container
 from contextlib import asynccontextmanager
@@ -94,17 +95,31 @@ def looks_closed(stream: trio.abc.Stream) -> bool:
     """True when an idle socket is readable: EOF, a reset, or junk is waiting.
 
     A stream over another (TLS: ``transport_stream``) is checked on the
-    socket underneath. Streams without a socket cannot be checked without
-    reading from them, and are reported open.
+    socket underneath, as is one that owns a stdlib socket as ``socket``
+    (``_tls.SocketTLSStream``). Streams without a socket cannot be checked
+    without reading from them, and are reported open.
     """
-    while not isinstance(stream, trio.SocketStream):
+    sock = socket_under(stream)
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def socket_under(stream: trio.abc.Stream) -> trio.socket.SocketType | socket.socket | None:
+    """The socket under ``stream``: its own ``socket`` (a ``trio.SocketStream``'s,
+    or the stdlib one a ``_tls.SocketTLSStream`` owns), else the one under its
+    ``transport_stream`` (TLS over a memory BIO), else None."""
+    while not isinstance(sock := getattr(stream, "socket", None), _SOCKETS):
         inner = getattr(stream, "transport_stream", None)
         if not isinstance(inner, trio.abc.Stream):
-            return False
+            return None
         stream = inner
-    poller = select.poll()
-    poller.register(stream.socket.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+    return sock
+
+
+_SOCKETS = (trio.socket.SocketType, socket.socket)
 
 
 class UpstreamPool:

@@ -20,14 +20,23 @@ calls:
   message says why (``certificate verify failed: ...``). The caller's
   ``connect_timeout`` covers TCP and TLS together, and its expiry is a 504.
 
-Which body path a TLS leg takes is not decided here: ``choose_body_path``
+Which TLS stream a leg gets is not decided here either: both legs call
+``_tls.tls_stream`` (through ``open_tls_upstream`` on the upstream's), which
+gives a bare TCP connection a ``SocketTLSStream`` (OpenSSL on the socket
+itself, about half the CPU per byte) and anything else a
+``BoundedTLSStream``: a client connection after a PROXY protocol header
+(``Replayed``: bytes were read ahead) and TLS through a parent proxy's
+tunnel. Neither offers ``send_eof``, which is how ``_tunnel`` knows a TLS
+leg. Which body path a TLS leg takes is not decided here: ``choose_body_path``
 (``_exchange``) splices only between two plain sockets, so any TLS leg goes
 through the bounded pump, and tunnels likewise (``_switching``).
 
 The slice size. Every TLS stream here writes at most ``read_size`` bytes of
 plaintext per transport write and reads at most the ciphertext of
 ``read_size`` per transport read (``BoundedTLSStream``; ``tls_slices``): the
-issue's "≤ read_size per call". The memory BIOs, which keep their peak size
+issue's "≤ read_size per call"; ``SocketTLSStream`` hands OpenSSL at most
+``read_size`` per write and returns at most ``read_size`` per read, OpenSSL
+taking at most one record from the kernel beyond it. The memory BIOs, which keep their peak size
 for the connection's life, see one 16 KiB record at a time whatever the
 slice, so the slice costs memory only while data moves (one slice of
 ciphertext held while the peer is slow), and a connection that once moved a
@@ -62,7 +71,7 @@ from ._metrics import ProxyMeters
 # (measured at idle after a trim: 29.5 MB with it, 29.2 MB without); forward
 # mode loads it at the first ``https://`` target.
 if TYPE_CHECKING:
-    from ._tls import BoundedTLSStream
+    from ._tls import BoundedTLSStream, SocketTLSStream
 
 # What a failed server-side handshake raises: trio wraps every ssl.SSLError
 # in BrokenResourceError; transports raise the others.
@@ -82,12 +91,16 @@ class HandshakeFailed(Exception):
         reason: the label (``handshake_failure_reason``): ``not_tls``,
             ``timeout``, ``eof``, ...
         description: one line for the log (``wrong version number``).
+        stream: the TLS stream whose handshake failed, not closed yet; it
+            owns the connection's socket when it took it over
+            (``_tls.SocketTLSStream``), so the caller closes this one.
     """
 
-    def __init__(self, reason: str, description: str) -> None:
+    def __init__(self, reason: str, description: str, stream: trio.abc.Stream) -> None:
         super().__init__(f"TLS handshake failed: {description}")
         self.reason = reason
         self.description = description
+        self.stream = stream
 
 
 # --- contexts ------------------------------------------------------------------
@@ -176,7 +189,7 @@ async def accept_tls(
     meters: ProxyMeters,
     *,
     initial: bytes = b"",
-) -> BoundedTLSStream:
+) -> BoundedTLSStream | SocketTLSStream:
     """Run the server side of TLS on an accepted connection, handshake done.
 
     Args:
@@ -190,31 +203,47 @@ async def accept_tls(
     Raises:
         HandshakeFailed: no handshake within ``tls_handshake_timeout``, or a
             client that is not speaking TLS, refused our certificate, or
-            left. ``stream`` is left to the caller to close.
+            left. Its ``stream`` is the TLS stream, for the caller to
+            close (after logging, so that the log line comes first): it
+            may own ``stream``'s socket now (``_tls.tls_stream``).
 
-    Memory: the ``BoundedTLSStream`` terms for slices of ``read_size``
-    (``tls_slices``), plus OpenSSL's own per-connection state.
+    Memory: the ``SocketTLSStream`` terms (a bare TCP connection) or the
+    ``BoundedTLSStream`` terms (after a PROXY header: bytes read ahead) for
+    slices of ``read_size`` (``tls_slices``), plus OpenSSL's own
+    per-connection state.
     """
-    from ._tls import BoundedTLSStream, describe_tls_failure, handshake_failure_reason
+    from ._tls import tls_stream
 
     transport = stream if not initial else Replayed(stream, initial)
     max_write, max_read = tls_slices(config)
-    tls_stream = BoundedTLSStream(
+    client = tls_stream(
         transport, context, server_side=True, max_write=max_write, max_read=max_read
     )
     try:
         with trio.fail_after(config.tls_handshake_timeout):
-            await tls_stream.do_handshake()
+            await client.do_handshake()
     except (trio.TooSlowError, *_HANDSHAKE_ERRORS) as exc:
-        reason = handshake_failure_reason(exc)
-        meters.count_tls_failure("client", reason)
-        if reason == "timeout":
-            description = f"no handshake within {config.tls_handshake_timeout:g} s"
-        else:
-            description = describe_tls_failure(exc)
-        raise HandshakeFailed(reason, description) from exc
+        raise _handshake_failed(exc, config, meters, client) from exc
+    except BaseException:  # cancelled: the TLS stream may own the socket now
+        await trio.aclose_forcefully(client)
+        raise
     meters.count_tls_handshake("client")
-    return tls_stream
+    return client
+
+
+def _handshake_failed(
+    exc: BaseException, config: ProxyConfig, meters: ProxyMeters, stream: trio.abc.Stream
+) -> HandshakeFailed:
+    """What a failed client handshake raises, counted by its reason."""
+    from ._tls import describe_tls_failure, handshake_failure_reason
+
+    reason = handshake_failure_reason(exc)
+    meters.count_tls_failure("client", reason)
+    if reason == "timeout":
+        description = f"no handshake within {config.tls_handshake_timeout:g} s"
+    else:
+        description = describe_tls_failure(exc)
+    return HandshakeFailed(reason, description, stream)
 
 
 class Replayed(trio.abc.Stream):
@@ -255,7 +284,7 @@ async def open_upstream_tls(
     *,
     host: str,
     port: int,
-) -> BoundedTLSStream:
+) -> BoundedTLSStream | SocketTLSStream:
     """TLS over a new connection to ``host:port``, verified as the settings say.
 
     The name sent and checked is ``host``, or ``--upstream-sni`` for the
