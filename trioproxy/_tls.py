@@ -439,6 +439,40 @@ class _TLSStreamState(trio.abc.Stream):
     async def _handshake(self) -> None:
         raise NotImplementedError
 
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send ``data``, ``max_write`` bytes of plaintext at a time."""
+        with self._sending:
+            self._check_sendable()
+            if not self._handshake_done:
+                await self.do_handshake()
+            with memoryview(data) as whole, whole.cast("B") as view:
+                if not view:
+                    await trio.lowlevel.checkpoint()
+                    return
+                try:
+                    for start in range(0, len(view), self._max_write):
+                        await self._send_slice(view[start : start + self._max_write])
+                except BaseException:  # part of a record may have gone: no more sends
+                    self._break()
+                    raise
+
+    async def _send_slice(self, plaintext: memoryview) -> None:
+        """Send one slice of at most ``max_write`` bytes, all of it."""
+        raise NotImplementedError
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Up to ``min(max_bytes, max_read)`` bytes of plaintext; ``b""`` at EOF."""
+        limit = self._receive_limit(max_bytes)
+        with self._receiving:
+            self._check_usable()
+            if not self._handshake_done:
+                await self.do_handshake()
+            return await self._receive(limit)
+
+    async def _receive(self, limit: int) -> bytes | bytearray:
+        """At most ``limit`` bytes of plaintext, after the handshake; a checkpoint."""
+        raise NotImplementedError
+
     def _receive_limit(self, max_bytes: int | None) -> int:
         """``min(max_bytes, max_read)``, checked."""
         limit = self._max_read if max_bytes is None else operator.index(max_bytes)
@@ -582,26 +616,10 @@ class BoundedTLSStream(_TLSStreamState):
             self._delayed = self._outgoing.read()
         await self._flush()
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send ``data``, ``max_write`` bytes per transport write."""
-        with self._sending:
-            self._check_sendable()
-            if not self._handshake_done:
-                await self.do_handshake()
-            view = memoryview(data).cast("B")
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            try:
-                for start in range(0, len(view), self._max_write):
-                    await self._send_slice(view[start : start + self._max_write])
-            except BaseException:  # part of a record may have gone: no more sends
-                self._break()
-                raise
-
     async def _send_slice(self, plaintext: memoryview) -> None:
-        # Encrypting under the lock keeps the order of the records with what
-        # a receive sends (a key update). The lock is nearly always free:
+        # One transport write per slice. Encrypting under the lock keeps the
+        # order of the records with what a receive sends (a key update). The
+        # lock is nearly always free:
         # take it without the scheduler round trip that ``async with`` costs
         # (the transport's send_all is this call's checkpoint).
         lock = self._transport_send_lock
@@ -631,26 +649,20 @@ class BoundedTLSStream(_TLSStreamState):
             self._check_sendable()
             await self.transport_stream.wait_send_all_might_not_block()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """Up to ``min(max_bytes, max_read)`` bytes of plaintext; ``b""`` at EOF."""
-        limit = self._receive_limit(max_bytes)
-        with self._receiving:
-            self._check_usable()
-            if not self._handshake_done:
-                await self.do_handshake()
-            waited = False
-            while not self._eof:
-                data = self._decrypt(limit)
-                if data or self._eof:
-                    break
-                await self._flush()  # what reading produced (a key update's answer)
-                await self._fill()
-                waited = True
-            else:
-                data = b""
-            if not waited:
-                await trio.lowlevel.checkpoint()
-            return data
+    async def _receive(self, limit: int) -> bytes | bytearray:
+        waited = False
+        while not self._eof:
+            data = self._decrypt(limit)
+            if data or self._eof:
+                break
+            await self._flush()  # what reading produced (a key update's answer)
+            await self._fill()
+            waited = True
+        else:
+            data = b""
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return data
 
     def _decrypt(self, limit: int) -> bytes | bytearray:
         """The plaintext of the whole records waiting, at most ``limit``
@@ -901,46 +913,23 @@ class SocketTLSStream(_TLSStreamState):
     async def _handshake(self) -> None:
         await self._retry(self.ssl_object.do_handshake)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send ``data``, ``max_write`` bytes per OpenSSL write."""
-        with self._sending:
-            self._check_sendable()
-            if not self._handshake_done:
-                await self.do_handshake()
-            with memoryview(data) as whole, whole.cast("B") as view:
-                try:
-                    await self._send_view(view)
-                except BaseException:  # part of a record may have gone: no more sends
-                    self._break()
-                    raise
-
-    async def _send_view(self, view: memoryview) -> None:
-        if not view:
-            await trio.lowlevel.checkpoint()
-            return
-        for start in range(0, len(view), self._max_write):
-            piece = view[start : start + self._max_write]
-            while piece:  # send() takes all of it (no partial writes), or raises
-                sent = await self._retry(self.ssl_object.send, piece)
-                piece = piece[sent:]
+    async def _send_slice(self, plaintext: memoryview) -> None:
+        # One OpenSSL write per slice.
+        while plaintext:  # send() takes all of it (no partial writes), or raises
+            sent = await self._retry(self.ssl_object.send, plaintext)
+            plaintext = plaintext[sent:]
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._sending:
             self._check_sendable()
             await trio.lowlevel.wait_writable(self.ssl_object)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """Up to ``min(max_bytes, max_read)`` bytes of plaintext; ``b""`` at EOF."""
-        limit = self._receive_limit(max_bytes)
-        with self._receiving:
-            self._check_usable()
-            if not self._handshake_done:
-                await self.do_handshake()
-            if self._eof:
-                await trio.lowlevel.checkpoint()
-                return b""
-            data: bytearray = await self._retry(self._receive_now, limit)
-            return data
+    async def _receive(self, limit: int) -> bytes | bytearray:
+        if self._eof:
+            await trio.lowlevel.checkpoint()
+            return b""
+        data: bytearray = await self._retry(self._receive_now, limit)
+        return data
 
     def _receive_now(self, limit: int) -> bytearray:
         """The plaintext of the records there, at most ``limit`` bytes;
