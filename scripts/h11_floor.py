@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
 import h11
 import trio
@@ -127,6 +128,19 @@ async def serve_client(stream: trio.SocketStream, upstream_address: tuple[str, i
             await upstream.stream.aclose()
 
 
+def _client_handler(
+    upstream_address: tuple[str, int],
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Serve one client connection; any failure just drops it."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(*_DROPPED):
+                await serve_client(stream, upstream_address)
+
+    return handler
+
+
 async def serve_floor(
     upstream_address: tuple[str, int],
     host: str = "127.0.0.1",
@@ -136,12 +150,9 @@ async def serve_floor(
 ) -> None:
     """Serve the floor relay on host:port until cancelled; reports the listeners."""
 
-    async def handler(stream: trio.SocketStream) -> None:
-        async with stream:
-            with contextlib.suppress(*_DROPPED):
-                await serve_client(stream, upstream_address)
-
-    await trio.serve_tcp(handler, port, host=host, task_status=task_status)
+    await trio.serve_tcp(
+        _client_handler(upstream_address), port, host=host, task_status=task_status
+    )
 
 
 async def serve_floor_shared(upstream_address: tuple[str, int], host: str, port: int) -> None:
@@ -152,13 +163,8 @@ async def serve_floor_shared(upstream_address: tuple[str, int], host: str, port:
     await sock.bind((host, port))
     sock.listen(socket.SOMAXCONN)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        async with stream:
-            with contextlib.suppress(*_DROPPED):
-                await serve_client(stream, upstream_address)
-
     print(f"floor listening on http://{host}:{port}", file=sys.stderr, flush=True)
-    await trio.serve_listeners(handler, [trio.SocketListener(sock)])
+    await trio.serve_listeners(_client_handler(upstream_address), [trio.SocketListener(sock)])
 
 
 async def _serve_and_announce(upstream_address: tuple[str, int], host: str, port: int) -> None:
