@@ -4,6 +4,10 @@ A client that stops reading (or an upstream that stops reading an upload)
 must stop the proxy from pulling more than the stated bound,
 (buffer_chunks + 2) x read_size, from the other side; once the slow side
 reads again, every byte arrives.
+
+Each test runs twice: a body of at least ``BYPASS_MIN_BODY`` goes past h11
+(``bypass_body``), a smaller one through it (``pump_body``); the bound is the
+same pump's.
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ from __future__ import annotations
 import hashlib
 
 import h11
+import pytest
 import trio
 import trio.testing
 
 import trioproxy
+from trioproxy._body import BYPASS_MIN_BODY
 from trioproxy._metrics import ProxyMeters
 
 from .helpers import CountingStream, UpstreamPort, counting_upstream_port, pattern
 
 CONFIG = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=4096, buffer_chunks=3)
 BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
-SIZE = 2_000_000
+sizeS = pytest.mark.parametrize(
+    "size", [BYPASS_MIN_BODY + 900_000, BYPASS_MIN_BODY - 48_000], ids=["past-h11", "through-h11"]
+)
 
 
 async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> object:
@@ -33,13 +41,14 @@ async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> 
         conn.receive_data(bytes(await stream.receive_some(1024)))
 
 
-async def test_slow_client_bounds_what_is_pulled_from_the_upstream() -> None:
+@sizeS
+async def test_slow_client_bounds_what_is_pulled_from_the_upstream(size: int) -> None:
     """With a client that reads the head and then nothing, the proxy holds at
     most the bound (and fills it), then resumes and delivers byte-exact."""
     port, counted = counting_upstream_port()
     meters = ProxyMeters()
     client, proxy_side = trio.testing.lockstep_stream_pair()
-    payload = pattern(SIZE)
+    payload = pattern(size)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: trioproxy.handle_connection(
@@ -50,14 +59,14 @@ async def test_slow_client_bounds_what_is_pulled_from_the_upstream() -> None:
         request = h11.Request(method="GET", target="/big", headers=[("Host", "x")])
         await client.send_all(client_conn.send(request) + client_conn.send(h11.EndOfMessage()))
         origin = await port.accept()
-        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SIZE
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
         await origin.send_all(head + payload)  # the in-memory origin is infinitely fast
         response = await receive_head(client, client_conn)
         assert isinstance(response, h11.Response)
 
         await trio.testing.wait_all_tasks_blocked()
         body_pulled = counted[0].received - len(head)
-        assert body_pulled < SIZE  # the proxy stopped early
+        assert body_pulled < size  # the proxy stopped early
         assert meters.response_bodies.held == body_pulled  # nothing delivered yet
         assert (CONFIG.buffer_chunks + 1) * CONFIG.read_size <= body_pulled <= BOUND
 
@@ -78,7 +87,8 @@ async def test_slow_client_bounds_what_is_pulled_from_the_upstream() -> None:
         await client.aclose()
 
 
-async def test_slow_upstream_bounds_what_is_pulled_from_an_upload() -> None:
+@sizeS
+async def test_slow_upstream_bounds_what_is_pulled_from_an_upload(size: int) -> None:
     """With an upstream that reads the request head and then nothing, the
     proxy pulls at most the bound of the upload from the client, then
     resumes and delivers it byte-exact."""
@@ -86,7 +96,7 @@ async def test_slow_upstream_bounds_what_is_pulled_from_an_upload() -> None:
     meters = ProxyMeters()
     client, raw_proxy_side = trio.testing.memory_stream_pair()
     proxy_side = CountingStream(raw_proxy_side)
-    payload = pattern(SIZE)
+    payload = pattern(size)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: trioproxy.handle_connection(
@@ -95,7 +105,7 @@ async def test_slow_upstream_bounds_what_is_pulled_from_an_upload() -> None:
         )
         client_conn = h11.Connection(h11.CLIENT)
         request = h11.Request(
-            method="PUT", target="/up", headers=[("Host", "x"), ("Content-Length", str(SIZE))]
+            method="PUT", target="/up", headers=[("Host", "x"), ("Content-Length", str(size))]
         )
         head = client_conn.send(request)
         await client.send_all(head + payload)  # the in-memory client is infinitely fast
@@ -105,7 +115,7 @@ async def test_slow_upstream_bounds_what_is_pulled_from_an_upload() -> None:
 
         await trio.testing.wait_all_tasks_blocked()
         body_pulled = proxy_side.received - len(head)
-        assert body_pulled < SIZE
+        assert body_pulled < size
         assert meters.request_bodies.held == body_pulled
         assert (CONFIG.buffer_chunks + 1) * CONFIG.read_size <= body_pulled <= BOUND
 

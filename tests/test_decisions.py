@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ssl
 
+import attrs
 import h11
 import pytest
 import trio.testing
 
 import trioproxy
+from trioproxy._body import BYPASS_MIN_BODY
 from trioproxy._config import MiB
 from trioproxy._endpoint import MessageState, UpstreamEndpoint
 from trioproxy._exchange import (
@@ -29,22 +31,22 @@ from trioproxy._tls import BoundedTLSStream
 
 from .helpers import socket_stream_pair
 
-DONE = MessageState(both_done=True, body_spliced=False, unparsed=False)
+DONE = MessageState(both_done=True, body_bypassed=False, unparsed=False)
 
 
 def test_keep_alive_only_when_both_messages_ended() -> None:
     """A connection carries another request only when h11 saw both messages end."""
     assert may_keep_alive(DONE)
-    assert not may_keep_alive(MessageState(both_done=False, body_spliced=False, unparsed=False))
+    assert not may_keep_alive(MessageState(both_done=False, body_bypassed=False, unparsed=False))
 
 
 @pytest.mark.parametrize(
     ("state", "reusable"),
     [
         (DONE, True),
-        (MessageState(both_done=False, body_spliced=False, unparsed=False), False),
-        (MessageState(both_done=True, body_spliced=True, unparsed=False), False),
-        (MessageState(both_done=True, body_spliced=False, unparsed=True), False),
+        (MessageState(both_done=False, body_bypassed=False, unparsed=False), False),
+        (MessageState(both_done=True, body_bypassed=True, unparsed=False), False),
+        (MessageState(both_done=True, body_bypassed=False, unparsed=True), False),
     ],
 )
 def test_pool_only_a_clean_connection(state: MessageState, reusable: bool) -> None:
@@ -113,10 +115,41 @@ async def test_a_tls_leg_always_takes_the_pump() -> None:
     try:
         assert choose_body_path(config, left, right, 100 * MiB).spliced
         for source, sink in [(tls_left, right), (left, tls_right), (tls_left, tls_right)]:
-            assert not choose_body_path(config, source, sink, 100 * MiB).spliced
+            path = choose_body_path(config, source, sink, 100 * MiB)
+            assert not path.spliced
+            assert path.bypass  # the pump, past h11
     finally:
         await left.aclose()
         await right.aclose()
+
+
+async def test_a_large_body_that_cannot_splice_goes_past_h11() -> None:
+    """A Content-Length body of at least BYPASS_MIN_BODY that does not splice
+    (in-memory streams here, a TLS leg above, --no-splice) takes the pump past
+    h11, and the source's connection ends with it (``past_h11``); smaller
+    bodies and other framings go through h11."""
+    config = trioproxy.ProxyConfig()
+    a, b = trio.testing.memory_stream_pair()
+    large = choose_body_path(config, a, b, BYPASS_MIN_BODY)
+    assert large.bypass
+    assert large.past_h11
+    assert not large.spliced
+    for length in (BYPASS_MIN_BODY - 1, None):
+        path = choose_body_path(config, a, b, length)
+        assert not path.bypass
+        assert not path.past_h11
+    if splice_supported():
+        left, right = socket_stream_pair()
+        try:
+            spliced = choose_body_path(config, left, right, 100 * MiB)
+            assert spliced.past_h11
+            assert not spliced.bypass
+            unspliced = choose_body_path(attrs.evolve(config, splice=False), left, right, 100 * MiB)
+            assert unspliced.bypass
+            assert not unspliced.spliced
+        finally:
+            await left.aclose()
+            await right.aclose()
 
 
 def test_client_head_adds_close_only_when_asked() -> None:

@@ -7,8 +7,9 @@ an endpoint in trioproxy's own words and never touches h11's ``Connection``:
 * reading: ``next_event`` (reads as h11 needs), ``next_event_nowait`` (never
   reads), ``receive_once`` (one read handed to h11);
 * writing: ``send_head`` (a head, and the whole small body with its end, in
-  one write), ``send_data``, ``finish``, ``frame_spliced`` and ``send_framed``
-  for bodies that bypass h11 (splice), ``mark_broken`` after a failed write;
+  one write), ``send_data``, ``finish``, ``frame_bypassed`` and ``send_framed``
+  for bodies that bypass h11 (splice, or the pump past h11), ``mark_broken``
+  after a failed write;
 * state: ``both_done``, ``switched``, ``has_unparsed_data``, ``leftover``,
   ``reuse`` (the next cycle of a keep-alive connection), ``can_respond``.
 
@@ -72,19 +73,20 @@ class MessageState:
 
     Attributes:
         both_done: both messages ended, as h11 sees them (``DONE`` both ways).
-        body_spliced: a body moved by splice, past one of this side's h11
+        body_bypassed: a body moved past one of this side's h11
             reader or writer.
         unparsed: bytes (or EOF) received that h11 has not turned into events.
     """
 
     both_done: bool
-    body_spliced: bool
+    body_bypassed: bool
     unparsed: bool
 
 
 @attrs.frozen
-class SplicedBytes:
-    """A stand-in for body bytes that go by splice: h11 only asks its ``len``."""
+class BypassedBytes:
+    """A stand-in for body bytes that go past h11 (by splice, or by the pump
+    straight between the streams): h11 only asks its ``len``."""
 
     size: int
 
@@ -117,9 +119,9 @@ class H11Endpoint:
         self.bytes_received = 0
         # Read through the shared scratch buffer when it is a plain TCP socket.
         self._socket = scratch_socket(stream)
-        # True once a body moved on this connection by splice, past this h11
-        # connection's reader or writer: never reuse it.
-        self.body_spliced = False
+        # True once a body moved on this connection past this h11
+        # connection's reader or writer (``_body``): never reuse it.
+        self.body_bypassed = False
 
     # --- reading -----------------------------------------------------------
 
@@ -219,22 +221,22 @@ class H11Endpoint:
         """
         await self.send_framed(self._frame(h11.EndOfMessage()))
 
-    def frame_spliced(self, size: int) -> list[bytes | SplicedBytes]:
-        """The framing of ``size`` body bytes that will go by splice, in order.
+    def frame_bypassed(self, size: int) -> list[bytes | BypassedBytes]:
+        """The framing of ``size`` body bytes that will go past h11, in order.
 
         h11 counts the bytes (so ``finish`` checks a Content-Length as
-        always) and returns its framing bytes around a ``SplicedBytes``
+        always) and returns its framing bytes around a ``BypassedBytes``
         placeholder, h11's documented way to send bodies by sendfile and the
         like ("Support for sendfile()"). The caller writes the framing bytes
-        with ``send_framed``, splices at the placeholder, and calls
-        ``mark_broken`` if that fails. Marks this endpoint ``body_spliced``.
+        with ``send_framed``, sends the body's bytes at the placeholder
+        (splice, or ``send_framed`` chunk by chunk), and calls
+        ``mark_broken`` if that fails.
         """
-        self.body_spliced = True
-        placeholder = SplicedBytes(size)
+        placeholder = BypassedBytes(size)
         # h11 types Data.data as bytes but documents any object with a len()
         # for send_with_data_passthrough; it returns that very object.
         parts = self._conn.send_with_data_passthrough(h11.Data(data=cast(bytes, placeholder)))
-        return cast(list[bytes | SplicedBytes], parts or [])
+        return cast(list[bytes | BypassedBytes], parts or [])
 
     async def send_framed(self, *pieces: bytes | bytearray) -> None:
         """Write bytes h11 has framed (one or more events, in one or more pieces).
@@ -295,7 +297,7 @@ class H11Endpoint:
 
     def state(self) -> MessageState:
         """A snapshot of this cycle's state, for decisions made without I/O."""
-        return MessageState(self.both_done, self.body_spliced, self.has_unparsed_data)
+        return MessageState(self.both_done, self.body_bypassed, self.has_unparsed_data)
 
     @property
     def both_done(self) -> bool:

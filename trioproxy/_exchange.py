@@ -4,8 +4,9 @@ An ``Exchange`` owns everything one request/response needs: the client
 endpoint, the upstream connection, the request and its target, the access log
 record, the stall watchdog and the memory budget's gauges. It is the one place
 that decides how a body moves (``choose_body_path``: splice between two plain
-sockets, else the bounded pump) and whether what is left may be used again
-(``may_keep_alive``, ``may_pool``, ``may_retry``). Those decisions need no I/O
+sockets, else the bounded pump, past h11 for a large Content-Length body) and
+whether what is left may be used again (``may_keep_alive``, ``may_pool``,
+``may_retry``). Those decisions need no I/O
 and are plain functions, tested without streams (hypercorn's ``protocol/``
 split); the ``Exchange`` carries them out.
 
@@ -59,7 +60,7 @@ import trio
 
 from ._accesslog import AccessRecord
 from ._balance import RETRY_SAFE_METHODS, Attempt, UpstreamGroup, may_retry_on_next_server
-from ._body import pump_body, send_buffered, splice_body
+from ._body import BYPASS_MIN_BODY, bypass_body, pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
 from ._errors import (
@@ -108,15 +109,25 @@ logger = logging.getLogger("trioproxy")
 
 @attrs.frozen
 class BodyPath:
-    """How one body moves: by splice through a pipe of ``pipe_size`` bytes, or
-    (``pipe_size`` None) through the bounded pump."""
+    """How one body moves: by splice through a pipe of ``pipe_size`` bytes;
+    else through the bounded pump, past h11 if ``bypass``, else through it.
+
+    ``length`` is the body's Content-Length, None for any other framing.
+    """
 
     length: int | None
     pipe_size: int | None
+    bypass: bool = False
 
     @property
     def spliced(self) -> bool:
         return self.pipe_size is not None
+
+    @property
+    def past_h11(self) -> bool:
+        """True if the body goes past the source's h11, whose connection
+        then cannot be used again (``_body``)."""
+        return self.spliced or self.bypass
 
 
 def choose_body_path(
@@ -126,11 +137,14 @@ def choose_body_path(
     length: int | None,
 ) -> BodyPath:
     """Splice a Content-Length body of ``length`` bytes between two plain
-    sockets when ``_splice`` says it pays; pump everything else (chunked or
-    close-delimited bodies, small ones, TLS or in-memory streams)."""
+    sockets when ``_splice`` says it pays; pump any other Content-Length body
+    of at least ``BYPASS_MIN_BODY`` bytes past h11 (a TLS leg, in-memory
+    streams, ``--no-splice``); pump everything else through h11 (chunked or
+    close-delimited bodies, small ones)."""
     if length is None:
         return BodyPath(None, None)
-    return BodyPath(length, splice_pipe_size(config, source, sink, length))
+    pipe_size = splice_pipe_size(config, source, sink, length)
+    return BodyPath(length, pipe_size, bypass=pipe_size is None and length >= BYPASS_MIN_BODY)
 
 
 def may_keep_alive(client: MessageState) -> bool:
@@ -155,7 +169,7 @@ def may_pool(upstream: MessageState) -> bool:
     bytes, so the flag is what refuses it), and nothing was received past the
     response (bytes sent unasked are junk or the start of an error).
     """
-    return upstream.both_done and not upstream.body_spliced and not upstream.unparsed
+    return upstream.both_done and not upstream.body_bypassed and not upstream.unparsed
 
 
 def may_retry(upstream: PooledUpstream, request: h11.Request, *, has_body: bool) -> bool:
@@ -580,14 +594,14 @@ class Exchange:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watchdog.watch, nursery.cancel_scope)
                 nursery.start_soon(self._send_request_body, upstream, path, clock, request_sent)
-                # A spliced upload leaves the client's h11 short of DONE: the
-                # response says Connection: close, and the connection closes.
+                # An upload past h11 leaves the client's h11 short of DONE:
+                # the response says Connection: close, and the connection closes.
                 await self._forward_response(
                     upstream,
                     clock,
                     watchdog=watchdog,
                     request_sent=request_sent,
-                    close=path.spliced,
+                    close=path.past_h11,
                 )
                 nursery.cancel_scope.cancel()  # an unfinished upload is abandoned
         if watchdog.stalled:
@@ -695,7 +709,18 @@ class Exchange:
         first_chunk: PendingBody | None = None,
     ) -> None:
         """Move one body, ``first_chunk`` first, by the path chosen for it."""
-        if path.pipe_size is None or path.length is None:
+        if path.bypass and path.length is not None:
+            await bypass_body(
+                source,
+                sink,
+                length=path.length,
+                buffer_chunks=self.config.buffer_chunks,
+                gauge=gauge,
+                progress=progress,
+                budget=self.meters.budget,
+                first_chunk=first_chunk,
+            )
+        elif path.pipe_size is None or path.length is None:
             await pump_body(
                 source,
                 sink,
