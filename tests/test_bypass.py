@@ -29,6 +29,7 @@ from .helpers import UpstreamPort, pattern, read_h11_message, upstream_endpoint_
 SAFETY_SECONDS = 20
 SIZE = 300_000  # bypass_body itself takes any length; the exchange asks for >= BYPASS_MIN_BODY
 READ_SIZE = 4096
+CHUNK = 3 * READ_SIZE  # bypass_body's own, as ProxyConfig.bypass_chunk_size gives it
 
 
 async def sink_with_head(framing: tuple[str, str]) -> tuple[UpstreamEndpoint, trio.abc.Stream]:
@@ -79,7 +80,8 @@ async def test_exactly_the_declared_length_moves_and_the_next_bytes_stay(
             source,
             sink,
             length=SIZE,
-            buffer_chunks=2,
+            chunk_size=CHUNK,
+            buffer_chunks=1,
             gauge=gauge,
             progress=progress,
             first_chunk=PendingBody(first),
@@ -91,33 +93,42 @@ async def test_exactly_the_declared_length_moves_and_the_next_bytes_stay(
         )
         assert await source.stream.receive_some(100) == b"NEXT MESSAGE"  # never read
         assert gauge.held == 0
-        assert gauge.peak <= (2 + 2) * READ_SIZE
+        assert gauge.peak <= 3 * CHUNK
         assert progress.bytes_written == SIZE
         assert source.state().body_bypassed
         assert not sink.state().body_bypassed  # its h11 counted every byte
         assert sink.state().unparsed is False
 
 
-async def test_a_short_source_leaves_the_sink_unfinished() -> None:
-    """An upstream that closes before the declared length is a 502, and the
-    sink's message does not end: its receiver sees a short body."""
-    with trio.fail_after(SAFETY_SECONDS):
-        payload = pattern(SIZE)
-        source = await upstream_endpoint_with(
-            response_head(SIZE) + payload[: SIZE // 2], read_size=READ_SIZE, eof=True
+async def failing_source_leaves_the_sink_unfinished(source: UpstreamEndpoint, error: str) -> None:
+    """``bypass_body`` from ``source`` raises a 502 matching ``error``, and
+    the sink's message does not end: its receiver sees a short body."""
+    sink, far = await sink_with_head(("Content-Length", str(SIZE)))
+    with pytest.raises(BadGateway, match=error):
+        await bypass_body(
+            source,
+            sink,
+            length=SIZE,
+            chunk_size=CHUNK,
+            buffer_chunks=1,
+            gauge=BufferGauge(),
+            progress=Progress(),
         )
-        sink, far = await sink_with_head(("Content-Length", str(SIZE)))
-        with pytest.raises(BadGateway, match=f"closed the body after {SIZE // 2} of {SIZE} bytes"):
-            await bypass_body(
-                source, sink, length=SIZE, buffer_chunks=2, gauge=BufferGauge(), progress=Progress()
-            )
-        await sink.stream.aclose()  # the far end reads to the end of what came
-        _, ended = await received_body(far)
-        assert not ended
+    await sink.stream.aclose()  # the far end reads to the end of what came
+    _, ended = await received_body(far)
+    assert not ended
+
+
+async def test_a_short_source_is_a_502_and_the_sink_is_left_unfinished() -> None:
+    with trio.fail_after(SAFETY_SECONDS):
+        sent = response_head(SIZE) + pattern(SIZE // 2)
+        source = await upstream_endpoint_with(sent, read_size=READ_SIZE, eof=True)
+        error = f"upstream closed the body after {SIZE // 2} of {SIZE} bytes"
+        await failing_source_leaves_the_sink_unfinished(source, error)
 
 
 class BreakingStream(trio.abc.Stream):
-    """Delivers ``data`` once, then every receive fails as a reset would."""
+    """Delivers ``data``, then every receive fails as a reset would."""
 
     def __init__(self, data: bytes) -> None:
         self._data = data
@@ -147,14 +158,7 @@ async def test_a_broken_source_is_a_502_and_the_sink_is_left_unfinished() -> Non
     with trio.fail_after(SAFETY_SECONDS):
         breaking = BreakingStream(response_head(SIZE) + pattern(SIZE // 3))
         source = await upstream_endpoint_with(b"", stream=breaking, read_size=READ_SIZE)
-        sink, far = await sink_with_head(("Content-Length", str(SIZE)))
-        with pytest.raises(BadGateway, match="upstream connection lost"):
-            await bypass_body(
-                source, sink, length=SIZE, buffer_chunks=2, gauge=BufferGauge(), progress=Progress()
-            )
-        await sink.stream.aclose()  # the far end reads to the end of what came
-        _, ended = await received_body(far)
-        assert not ended
+        await failing_source_leaves_the_sink_unfinished(source, "upstream connection lost")
 
 
 async def test_a_download_past_h11_closes_its_upstream_and_keeps_the_client() -> None:

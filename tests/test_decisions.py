@@ -16,7 +16,7 @@ import trio.testing
 
 import trioproxy
 from trioproxy._body import BYPASS_MIN_BODY
-from trioproxy._config import MiB
+from trioproxy._config import KiB, MiB
 from trioproxy._endpoint import MessageState, UpstreamEndpoint
 from trioproxy._exchange import (
     choose_body_path,
@@ -161,3 +161,37 @@ def test_client_head_adds_close_only_when_asked() -> None:
     assert b"keep-alive" not in [n.lower() for n in names]
     closing = client_head(response, close=True).headers.raw_items()
     assert (b"Connection", b"close") in closing
+
+
+async def test_a_body_past_h11_reads_larger_chunks_within_the_same_bound() -> None:
+    """Past h11 the pump reads chunks of a third of the per-direction bound
+    (one channel slot), unless the source returns less per read (a
+    ``BoundedTLSStream`` keeps ``read_size``): then as many slots as the pump
+    through h11 has. Either way the pump's bound is the per-direction one."""
+    config = trioproxy.ProxyConfig()
+    assert config.bypass_chunk_size == 128 * KiB
+    a, b = trio.testing.memory_stream_pair()
+    path = choose_body_path(config, a, b, 100 * MiB)
+    assert (path.chunk_size, path.buffer_chunks) == (128 * KiB, 1)
+    left, right = socket_stream_pair()
+    bounded = BoundedTLSStream(left, ssl.create_default_context(), max_read=config.read_size)
+    try:
+        path = choose_body_path(config, bounded, right, 100 * MiB)
+        assert (path.chunk_size, path.buffer_chunks) == (config.read_size, config.buffer_chunks)
+    finally:
+        await left.aclose()
+        await right.aclose()
+    for settings in [{}, {"read_size": 4096, "buffer_chunks": 3}, {"buffer_chunks": 9}]:
+        config = trioproxy.ProxyConfig(**settings)  # type: ignore[arg-type]
+        path = choose_body_path(config, a, b, 100 * MiB)
+        assert path.chunk_size >= config.read_size
+        assert (path.buffer_chunks + 2) * path.chunk_size <= config.max_buffered_per_direction
+
+
+def test_the_bypass_chunk_leaves_the_budget_room_for_the_next_one() -> None:
+    """A budget smaller than two bypass chunks shrinks them (a further
+    reservation must fit beside the one held), never below read_size."""
+    tight = trioproxy.ProxyConfig(max_buffer_memory=160 * KiB)
+    assert tight.bypass_chunk_size == 80 * KiB
+    tightest = trioproxy.ProxyConfig(max_buffer_memory=64 * KiB)
+    assert tightest.bypass_chunk_size == tightest.read_size

@@ -256,6 +256,7 @@ async def bypass_body(
     sink: H11Endpoint,
     *,
     length: int,
+    chunk_size: int,
     buffer_chunks: int,
     gauge: BufferGauge,
     progress: Progress,
@@ -268,15 +269,18 @@ async def bypass_body(
     The body's first bytes, ``first_chunk`` (what ``send_buffered`` pulled,
     still on ``gauge``) and what the source's h11 still holds, are the pump's
     first chunk, written while the reader already reads, as ``pump_body``'s.
-    The rest the pump reads from the source stream, at most
-    ``source.read_size`` bytes per read and never past the body's end, and
-    hands each chunk as it is to the sink stream. The sink's h11 frames and
+    The rest the pump reads from the source stream, at most ``chunk_size``
+    bytes per read and never past the body's end, and hands each chunk as it
+    is to the sink stream. The sink's h11 frames and
     counts the whole body at once (``frame_bypassed``), so it stays exact and
     the sink's connection may be used again; the source is marked
     ``body_bypassed``.
 
-    Memory: the pump's bound, ``(buffer_chunks + 2) * source.read_size``, as
-    ``pump_body``; h11 buffers nothing meanwhile.
+    Memory: the pump's bound, ``(buffer_chunks + 2) * chunk_size``
+    (``_exchange.choose_body_path`` makes it the per-direction bound of
+    ``pump_body``: by default one channel slot and chunks of a third of it,
+    ``ProxyConfig.bypass_chunk_size``), the first chunk counted in it; h11
+    buffers nothing meanwhile.
 
     Raises:
         BadGateway: the upstream broke, or closed before the body's end.
@@ -293,12 +297,10 @@ async def bypass_body(
                     buffer_chunks=buffer_chunks,
                     gauge=gauge,
                     budget=budget,
-                    read_size=source.read_size,
+                    read_size=chunk_size,
                     progress=progress,
                 )
-                reader = _ExactReader(
-                    source, start=len(first), length=length, limit=source.read_size
-                )
+                reader = _ExactReader(source, start=len(first), length=length, limit=chunk_size)
                 await pump.run(reader.read, sink.send_framed, first)
             else:
                 await sink.send_framed(part)  # chunked framing only

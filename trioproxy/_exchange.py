@@ -110,7 +110,9 @@ logger = logging.getLogger("trioproxy")
 @attrs.frozen
 class BodyPath:
     """How one body moves: by splice through a pipe of ``pipe_size`` bytes;
-    else through the bounded pump, past h11 if ``bypass``, else through it.
+    else through the bounded pump, past h11 if ``bypass`` (in chunks of at
+    most ``chunk_size``, ``buffer_chunks`` of them in its channel), else
+    through it.
 
     ``length`` is the body's Content-Length, None for any other framing.
     """
@@ -118,6 +120,8 @@ class BodyPath:
     length: int | None
     pipe_size: int | None
     bypass: bool = False
+    chunk_size: int = 0
+    buffer_chunks: int = 0
 
     @property
     def spliced(self) -> bool:
@@ -144,7 +148,22 @@ def choose_body_path(
     if length is None:
         return BodyPath(None, None)
     pipe_size = splice_pipe_size(config, source, sink, length)
-    return BodyPath(length, pipe_size, bypass=pipe_size is None and length >= BYPASS_MIN_BODY)
+    if pipe_size is not None or length < BYPASS_MIN_BODY:
+        return BodyPath(length, pipe_size)
+    chunk_size = min(config.bypass_chunk_size, _most_per_read(source, config.bypass_chunk_size))
+    buffer_chunks = max(1, config.max_buffered_per_direction // chunk_size - 2)
+    return BodyPath(length, None, True, chunk_size, buffer_chunks)
+
+
+def _most_per_read(stream: trio.abc.ReceiveStream, default: int) -> int:
+    """The most one read of ``stream`` returns: a TLS stream's ``max_read``
+    (``_tls``; a ``BoundedTLSStream`` keeps ``read_size``), else ``default``.
+
+    The pump past h11 sizes its channel by it: chunks smaller than it asked
+    for get as many slots as ``pump_body`` would give them, so the
+    per-direction bound stays the same and is filled as deep."""
+    most = getattr(stream, "max_read", None)
+    return most if isinstance(most, int) else default
 
 
 def may_keep_alive(client: MessageState) -> bool:
@@ -714,7 +733,8 @@ class Exchange:
                 source,
                 sink,
                 length=path.length,
-                buffer_chunks=self.config.buffer_chunks,
+                chunk_size=path.chunk_size,
+                buffer_chunks=path.buffer_chunks,
                 gauge=gauge,
                 progress=progress,
                 budget=self.meters.budget,

@@ -473,6 +473,11 @@ class _TLSStreamState(trio.abc.Stream):
         """At most ``limit`` bytes of plaintext, after the handshake; a checkpoint."""
         raise NotImplementedError
 
+    @property
+    def max_read(self) -> int:
+        """The most plaintext one ``receive_some`` returns."""
+        return self._max_read
+
     def _receive_limit(self, max_bytes: int | None) -> int:
         """``min(max_bytes, max_read)``, checked."""
         limit = self._max_read if max_bytes is None else operator.index(max_bytes)
@@ -1023,13 +1028,19 @@ def tls_stream(
     server_hostname: str | None = None,
     max_write: int = DEFAULT_MAX_WRITE,
     max_read: int = DEFAULT_MAX_READ,
+    max_socket_read: int | None = None,
 ) -> BoundedTLSStream | SocketTLSStream:
     """TLS over ``transport_stream``: the one place that picks the class.
 
     A bare ``trio.SocketStream`` (nothing read from it, so OpenSSL may take
     over its socket) gets a ``SocketTLSStream``; any other transport (an
     in-memory stream, bytes put back after a PROXY protocol header, TLS in a
-    tunnel) a ``BoundedTLSStream``. The arguments are theirs.
+    tunnel) a ``BoundedTLSStream``. The arguments are theirs, but for
+    ``max_socket_read``: the ``SocketTLSStream``'s ``max_read`` if given. A
+    larger cap costs that class nothing until a caller asks for more (each
+    read takes what it is asked for, and one record beyond), where a
+    ``BoundedTLSStream`` reads the transport by its ``max_read`` whatever it
+    is asked for, and may hold that much while its reader waits.
     """
     if isinstance(transport_stream, trio.SocketStream):
         return SocketTLSStream(
@@ -1038,7 +1049,7 @@ def tls_stream(
             server_side=server_side,
             server_hostname=server_hostname,
             max_write=max_write,
-            max_read=max_read,
+            max_read=max_read if max_socket_read is None else max_socket_read,
         )
     return BoundedTLSStream(
         transport_stream,
@@ -1066,6 +1077,7 @@ async def open_tls_upstream(
     server_hostname: str | None = None,
     max_write: int = DEFAULT_MAX_WRITE,
     max_read: int = DEFAULT_MAX_READ,
+    max_socket_read: int | None = None,
 ) -> BoundedTLSStream | SocketTLSStream:
     """Run TLS over an open connection to an upstream and finish the handshake.
 
@@ -1075,7 +1087,7 @@ async def open_tls_upstream(
         host, port: the upstream, for the error message; ``host`` is the SNI
             and the name checked unless ``server_hostname`` is given.
         server_hostname: another name to send and check.
-        max_write, max_read: see ``BoundedTLSStream``.
+        max_write, max_read, max_socket_read: see ``tls_stream``.
 
     Returns:
         The TLS stream, handshake done (ALPN, certificate, cipher known).
@@ -1100,6 +1112,7 @@ async def open_tls_upstream(
             server_hostname=name,
             max_write=max_write,
             max_read=max_read,
+            max_socket_read=max_socket_read,
         )
     except UnicodeError as exc:  # ssl IDNA-encodes the name (a label over 63 octets...)
         await trio.aclose_forcefully(transport_stream)

@@ -35,12 +35,15 @@ The slice size. Every TLS stream here writes at most ``read_size`` bytes of
 plaintext per transport write and reads at most the ciphertext of
 ``read_size`` per transport read (``BoundedTLSStream``; ``tls_slices``): the
 issue's "≤ read_size per call"; ``SocketTLSStream`` hands OpenSSL at most
-``read_size`` per write and returns at most ``read_size`` per read, OpenSSL
-taking at most one record from the kernel beyond it. The memory BIOs, which keep their peak size
-for the connection's life, see one 16 KiB record at a time whatever the
-slice, so the slice costs memory only while data moves (one slice of
-ciphertext held while the peer is slow), and a connection that once moved a
-large body keeps about 32 KiB of BIO afterwards, not a slice's worth. Why
+``read_size`` per write and returns what it is asked for, at most
+``bypass_chunk_size`` per read (a body past h11 reads in chunks of a third of
+the per-direction bound, 128 KiB by default; everything else asks for
+``read_size``), OpenSSL taking at most one record from the kernel beyond it.
+The memory BIOs, which keep their peak size for the connection's life, see
+one 16 KiB record at a time whatever the slice, so the slice costs memory
+only while data moves (one slice of ciphertext held while the peer is slow),
+and a connection that once moved a large body keeps about 32 KiB of BIO
+afterwards, not a slice's worth. Why
 not smaller: measured through the real proxy (1 GiB, curl, nginx origin,
 this 2-core machine), process CPU per GiB fell from 5.8-6.0 s (16 KiB slices)
 and 4.6-5.0 s (32 KiB) to 3.9-4.0 s (64 KiB) through TLS termination, and
@@ -78,10 +81,12 @@ if TYPE_CHECKING:
 _HANDSHAKE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def tls_slices(config: ProxyConfig) -> tuple[int, int]:
-    """``(max_write, max_read)`` of every TLS stream: ``read_size`` both (the
+def tls_slices(config: ProxyConfig) -> tuple[int, int, int]:
+    """``(max_write, max_read, max_socket_read)`` of every TLS stream:
+    ``read_size``, but for the most a ``SocketTLSStream`` returns, which is
+    ``bypass_chunk_size``: a body past h11 asks for that much per read (the
     module comment says why)."""
-    return config.read_size, config.read_size
+    return config.read_size, config.read_size, config.bypass_chunk_size
 
 
 class HandshakeFailed(Exception):
@@ -215,9 +220,14 @@ async def accept_tls(
     from ._tls import tls_stream
 
     transport = stream if not initial else Replayed(stream, initial)
-    max_write, max_read = tls_slices(config)
+    max_write, max_read, max_socket_read = tls_slices(config)
     client = tls_stream(
-        transport, context, server_side=True, max_write=max_write, max_read=max_read
+        transport,
+        context,
+        server_side=True,
+        max_write=max_write,
+        max_read=max_read,
+        max_socket_read=max_socket_read,
     )
     try:
         with trio.fail_after(config.tls_handshake_timeout):
@@ -302,7 +312,7 @@ async def open_upstream_tls(
     server_hostname = None
     if upstream is not None and (upstream.host, upstream.port) == (host, port):
         server_hostname = config.upstream_sni
-    max_write, max_read = tls_slices(config)
+    max_write, max_read, max_socket_read = tls_slices(config)
     try:
         tls_stream = await open_tls_upstream(
             stream,
@@ -312,6 +322,7 @@ async def open_upstream_tls(
             server_hostname=server_hostname,
             max_write=max_write,
             max_read=max_read,
+            max_socket_read=max_socket_read,
         )
     except BadGateway as exc:
         if meters is not None:
