@@ -13,6 +13,7 @@ import array
 import fcntl
 import hashlib
 import ssl
+import sys
 import termios
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -164,6 +165,24 @@ async def test_a_receive_that_waits_holds_no_buffer(pki: Pki) -> None:
             tracemalloc.stop()
         assert waiting < 16 * KiB
         await client.send_all(b"wake up")
+
+
+@pytest.mark.parametrize("sent", [100, 40 * KiB, 100 * KiB, 128 * KiB])
+async def test_what_a_receive_returns_holds_no_more_than_its_length(pki: Pki, sent: int) -> None:
+    """A read that returns less than it asked for (the records there ran
+    out) gives back an object of its own length: a pump holds it counted at
+    that length, so a larger allocation behind it would be uncounted memory
+    (CPython's bytearray keeps its allocation when shrunk by less than
+    half). ``sys.getsizeof`` is the object's allocation here."""
+    async with tls_pair(pki, max_read=128 * KiB) as (client, server):
+        await client.send_all(payload(sent))
+        await trio.testing.wait_all_tasks_blocked()
+        received = bytearray()
+        while len(received) < sent:
+            chunk = await server.receive_some(128 * KiB)
+            assert sys.getsizeof(chunk) <= len(chunk) + 100
+            received += chunk
+        assert received == payload(sent)
 
 
 async def test_send_all_hands_openssl_at_most_max_write_per_call(pki: Pki) -> None:

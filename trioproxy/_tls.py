@@ -831,7 +831,11 @@ class SocketTLSStream(_TLSStreamState):
       max_read)`` bytes, read into one buffer of that size by one
       ``recv_into`` per record; the buffer is made when records are there,
       not while the call waits (an idle keep-alive connection holds none:
-      measured, 64 KiB per idle connection otherwise). OpenSSL reads a record only when asked for
+      measured, 64 KiB per idle connection otherwise). What it returns holds
+      no more memory than its length: a shorter read is copied out of the
+      buffer (a bytearray shrunk by less than half keeps its allocation, and
+      a pump holding partial 128 KiB reads of a stalled download held ~50 KiB
+      per connection more than it counted). OpenSSL reads a record only when asked for
       plaintext, and the whole record, so it holds at most one record
       (16 KiB + 256 B) beyond what was returned: the rest of a record that
       did not fit. Read-ahead (OpenSSL's ``SSL_CTX_set_read_ahead``) would
@@ -944,7 +948,8 @@ class SocketTLSStream(_TLSStreamState):
         with memoryview(buffer) as view:
             size = self._recv_into(view)
             size += self._recv_ready(view[size:]) if size else 0
-        del buffer[size:]
+            if size < limit:  # exactly its length (the class comment says why)
+                return bytearray(view[:size])
         return buffer
 
     def _recv_into(self, view: memoryview) -> int:
