@@ -5,7 +5,7 @@ must stop the proxy from pulling more than the stated bound,
 (buffer_chunks + 2) x read_size, from the other side; once the slow side
 reads again, every byte arrives.
 
-Each test runs twice: a body of at least ``BYPASS_MIN_BODY`` goes past h11
+Each test runs twice: a body of at least ``BYPASS_MIN_BODY_FROM_TLS`` goes past h11
 (``bypass_body``), a smaller one through it (``pump_body``); the bound is the
 same pump's.
 """
@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._body import BYPASS_MIN_BODY
+from trioproxy._body import BYPASS_MIN_BODY_FROM_TLS
 from trioproxy._metrics import ProxyMeters
 
 from .helpers import CountingStream, UpstreamPort, counting_upstream_port, pattern
@@ -28,7 +28,9 @@ from .helpers import CountingStream, UpstreamPort, counting_upstream_port, patte
 CONFIG = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=4096, buffer_chunks=3)
 BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
 sizeS = pytest.mark.parametrize(
-    "size", [BYPASS_MIN_BODY + 900_000, BYPASS_MIN_BODY - 48_000], ids=["past-h11", "through-h11"]
+    "size",
+    [BYPASS_MIN_BODY_FROM_TLS + 900_000, BYPASS_MIN_BODY_FROM_TLS - 48_000],
+    ids=["past-h11", "through-h11"],
 )
 
 

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import trioproxy
-from trioproxy._body import BYPASS_MIN_BODY, bypass_body
+from trioproxy._body import BYPASS_MIN_BODY_FROM_TLS, bypass_body
 from trioproxy._endpoint import UpstreamEndpoint
 from trioproxy._errors import BadGateway
 from trioproxy._pool import UpstreamPool
@@ -27,7 +27,7 @@ from .helpers import UpstreamPort, pattern, read_h11_message, upstream_endpoint_
 
 # Each test takes well under a second; only a hang (a broken bypass) reaches this.
 SAFETY_SECONDS = 20
-SIZE = 300_000  # bypass_body itself takes any length; the exchange asks for >= BYPASS_MIN_BODY
+SIZE = 300_000  # bypass_body takes any length; the exchange asks for more (bypass_min_body)
 READ_SIZE = 4096
 CHUNK = 3 * READ_SIZE  # bypass_body's own, as ProxyConfig.bypass_chunk_size gives it
 
@@ -170,7 +170,7 @@ async def test_a_download_past_h11_closes_its_upstream_and_keeps_the_client() ->
         config = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=READ_SIZE)
         port = UpstreamPort()
         pool = UpstreamPool(max_idle=4)
-        sizes = [1000, BYPASS_MIN_BODY, 1000]
+        sizes = [1000, BYPASS_MIN_BODY_FROM_TLS, 1000]
         client, proxy_side = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(

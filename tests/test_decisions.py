@@ -15,7 +15,7 @@ import pytest
 import trio.testing
 
 import trioproxy
-from trioproxy._body import BYPASS_MIN_BODY
+from trioproxy._body import BYPASS_MIN_BODY, BYPASS_MIN_BODY_FROM_TLS
 from trioproxy._config import KiB, MiB
 from trioproxy._endpoint import MessageState, UpstreamEndpoint
 from trioproxy._exchange import (
@@ -124,17 +124,17 @@ async def test_a_tls_leg_always_takes_the_pump() -> None:
 
 
 async def test_a_large_body_that_cannot_splice_goes_past_h11() -> None:
-    """A Content-Length body of at least BYPASS_MIN_BODY that does not splice
-    (in-memory streams here, a TLS leg above, --no-splice) takes the pump past
-    h11, and the source's connection ends with it (``past_h11``); smaller
-    bodies and other framings go through h11."""
+    """A Content-Length body that does not splice (in-memory streams here, a
+    TLS leg above, --no-splice) takes the pump past h11 from 4 MiB, or from a
+    plain socket from 1 MiB, and the source's connection ends with it
+    (``past_h11``); smaller bodies and other framings go through h11."""
     config = trioproxy.ProxyConfig()
     a, b = trio.testing.memory_stream_pair()
-    large = choose_body_path(config, a, b, BYPASS_MIN_BODY)
+    large = choose_body_path(config, a, b, BYPASS_MIN_BODY_FROM_TLS)
     assert large.bypass
     assert large.past_h11
     assert not large.spliced
-    for length in (BYPASS_MIN_BODY - 1, None):
+    for length in (BYPASS_MIN_BODY_FROM_TLS - 1, None):
         path = choose_body_path(config, a, b, length)
         assert not path.bypass
         assert not path.past_h11
@@ -144,9 +144,11 @@ async def test_a_large_body_that_cannot_splice_goes_past_h11() -> None:
             spliced = choose_body_path(config, left, right, 100 * MiB)
             assert spliced.past_h11
             assert not spliced.bypass
-            unspliced = choose_body_path(attrs.evolve(config, splice=False), left, right, 100 * MiB)
-            assert unspliced.bypass
-            assert not unspliced.spliced
+            unspliced = attrs.evolve(config, splice=False)
+            path = choose_body_path(unspliced, left, right, BYPASS_MIN_BODY)
+            assert path.bypass
+            assert not path.spliced
+            assert not choose_body_path(unspliced, left, right, BYPASS_MIN_BODY - 1).bypass
         finally:
             await left.aclose()
             await right.aclose()

@@ -60,7 +60,7 @@ import trio
 
 from ._accesslog import AccessRecord
 from ._balance import RETRY_SAFE_METHODS, Attempt, UpstreamGroup, may_retry_on_next_server
-from ._body import BYPASS_MIN_BODY, bypass_body, pump_body, send_buffered, splice_body
+from ._body import bypass_body, bypass_min_body, pump_body, send_buffered, splice_body
 from ._config import ProxyConfig
 from ._endpoint import ClientEndpoint, H11Endpoint, MessageState, UpstreamEndpoint
 from ._errors import (
@@ -142,13 +142,13 @@ def choose_body_path(
 ) -> BodyPath:
     """Splice a Content-Length body of ``length`` bytes between two plain
     sockets when ``_splice`` says it pays; pump any other Content-Length body
-    of at least ``BYPASS_MIN_BODY`` bytes past h11 (a TLS leg, in-memory
+    of at least ``bypass_min_body`` bytes past h11 (a TLS leg, in-memory
     streams, ``--no-splice``); pump everything else through h11 (chunked or
     close-delimited bodies, small ones)."""
     if length is None:
         return BodyPath(None, None)
     pipe_size = splice_pipe_size(config, source, sink, length)
-    if pipe_size is not None or length < BYPASS_MIN_BODY:
+    if pipe_size is not None or length < bypass_min_body(source):
         return BodyPath(length, pipe_size)
     chunk_size = min(config.bypass_chunk_size, _most_per_read(source, config.bypass_chunk_size))
     buffer_chunks = max(1, config.max_buffered_per_direction // chunk_size - 2)
