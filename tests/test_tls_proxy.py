@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 import trioproxy
+from trioproxy._body import BYPASS_MIN_BODY_FROM_TLS
 from trioproxy._metrics import ProxyMeters, render_prometheus
 from trioproxy._proxy_protocol import encode_v1
 from trioproxy._tls import (
@@ -97,21 +98,25 @@ async def body_digest(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> b
 # --- the bound -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "size", [SIZE, BYPASS_MIN_BODY_FROM_TLS + SIZE], ids=["through-h11", "past-h11"]
+)
 @pytest.mark.parametrize("client_tls", [False, True], ids=["plain-client", "tls-client"])
 async def test_a_client_that_reads_nothing_bounds_what_a_tls_upstream_gives(
-    pki: Pki, client_tls: bool
+    pki: Pki, client_tls: bool, size: int
 ) -> None:
     """A fast TLS upstream and a client that reads the head and then
     nothing: the proxy pulls at most the stated bound of ciphertext, the
     pump's (N + 2) x read_size plus less than two records and one transport
-    read held by TLS; then everything arrives byte-exact."""
+    read held by TLS; then everything arrives byte-exact. On both body
+    paths: a body of 4 MiB or more goes past h11."""
     config = reverse_config(pki)
     pump_bound = (config.buffer_chunks + 2) * config.read_size
     port, counted = counting_upstream_port()
     meters = ProxyMeters()
     client_side, proxy_side = trio.testing.lockstep_stream_pair()
     listener = server_context([pki.pair("localhost")]) if client_tls else None
-    payload = pattern(SIZE)
+    payload = pattern(size)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: trioproxy.handle_connection(
@@ -129,7 +134,7 @@ async def test_a_client_that_reads_nothing_bounds_what_a_tls_upstream_gives(
         origin_conn = h11.Connection(h11.SERVER)
         await read_h11_message(origin, origin_conn)
         before = counted[0].received  # the handshake and the request's answer so far
-        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SIZE
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
         await origin.send_all(head + payload)  # all of it, encrypted, buffered in memory
         assert isinstance(await receive_head(client, conn), h11.Response)
 

@@ -392,7 +392,8 @@ async def test_a_client_that_reads_nothing_bounds_what_a_socket_tls_upstream_giv
     """Issue #11 point 7 over a real TLS upstream socket (so the upstream
     leg is a ``SocketTLSStream``): a client that reads the head and then
     nothing leaves at most the pump's (N + 2) x read_size held, the origin
-    cannot finish, and then everything arrives byte-exact."""
+    cannot finish, and then everything arrives byte-exact. (So large a body
+    goes past h11, in chunks of a third of that bound.)"""
     size = 48_000_000  # more than loopback's socket buffers can hide
     sent = [0]
 
