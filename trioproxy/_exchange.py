@@ -6,9 +6,9 @@ record, the stall watchdog and the memory budget's gauges. It is the one place
 that decides how a body moves (``choose_body_path``: splice between two plain
 sockets, else the bounded pump, past h11 for a large Content-Length body) and
 whether what is left may be used again (``may_keep_alive``, ``may_pool``,
-``may_retry``). Those decisions need no I/O
-and are plain functions, tested without streams (hypercorn's ``protocol/``
-split); the ``Exchange`` carries them out.
+``may_retry``). Those decisions need no I/O and are plain functions, tested
+without streams (hypercorn's ``protocol/`` split); the ``Exchange`` carries
+them out.
 
 The path of a request:
 

@@ -835,8 +835,8 @@ class SocketTLSStream(_TLSStreamState):
       no more memory than its length: a shorter read is copied out of the
       buffer (a bytearray shrunk by less than half keeps its allocation, and
       a pump holding partial 128 KiB reads of a stalled download held ~50 KiB
-      per connection more than it counted). OpenSSL reads a record only when asked for
-      plaintext, and the whole record, so it holds at most one record
+      per connection more than it counted). OpenSSL reads a record only
+      when asked for plaintext, and the whole record, so it holds at most one record
       (16 KiB + 256 B) beyond what was returned: the rest of a record that
       did not fit. Read-ahead (OpenSSL's ``SSL_CTX_set_read_ahead``) would
       let it take more from the kernel; it is off by default and Python's
