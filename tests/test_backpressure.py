@@ -5,9 +5,10 @@ must stop the proxy from pulling more than the stated bound,
 (buffer_chunks + 2) x read_size, from the other side; once the slow side
 reads again, every byte arrives.
 
-Each test runs twice: a body of at least ``BYPASS_MIN_BODY_FROM_TLS`` goes past h11
+Each test runs twice: a body of at least ``BYPASS_MIN_BODY_FROM_TLS`` (the
+threshold for streams that are not plain sockets) goes past h11
 (``bypass_body``), a smaller one through it (``pump_body``); the bound is the
-same pump's.
+same.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .helpers import CountingStream, UpstreamPort, counting_upstream_port, patte
 
 CONFIG = trioproxy.ProxyConfig(upstream="http://origin.test", read_size=4096, buffer_chunks=3)
 BOUND = (CONFIG.buffer_chunks + 2) * CONFIG.read_size
-sizeS = pytest.mark.parametrize(
+SIZES = pytest.mark.parametrize(
     "size",
     [BYPASS_MIN_BODY_FROM_TLS + 900_000, BYPASS_MIN_BODY_FROM_TLS - 48_000],
     ids=["past-h11", "through-h11"],
@@ -43,7 +44,7 @@ async def receive_head(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> 
         conn.receive_data(bytes(await stream.receive_some(1024)))
 
 
-@sizeS
+@SIZES
 async def test_slow_client_bounds_what_is_pulled_from_the_upstream(size: int) -> None:
     """With a client that reads the head and then nothing, the proxy holds at
     most the bound (and fills it), then resumes and delivers byte-exact."""
@@ -89,7 +90,7 @@ async def test_slow_client_bounds_what_is_pulled_from_the_upstream(size: int) ->
         await client.aclose()
 
 
-@sizeS
+@SIZES
 async def test_slow_upstream_bounds_what_is_pulled_from_an_upload(size: int) -> None:
     """With an upstream that reads the request head and then nothing, the
     proxy pulls at most the bound of the upload from the client, then
