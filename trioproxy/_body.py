@@ -107,17 +107,7 @@ async def send_buffered(
         The body bytes pulled but not sent (still counted on ``gauge``: pass
         them on as ``first_chunk``), and True if the message ended.
     """
-    chunks: list[bytes] = []
-    ended = False
-    while not ended:
-        event = source.next_event_nowait()
-        if isinstance(event, h11.Data):
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            ended = True
-        else:
-            break
-    body = b"".join(chunks)  # no copy for the usual single chunk
+    body, ended = _held_body(source)
     held = len(body)
     gauge.add(held)
     progress.running = True
@@ -335,14 +325,24 @@ def _take_buffered_body(
     usual case is no join: a response's bytes were all pulled by
     ``send_buffered``, an upload's are all still in h11.
     """
-    pieces = [first_chunk.take()] if first_chunk is not None else []
-    while source.has_unparsed_data:
-        event = source.next_event_nowait()
-        if not isinstance(event, h11.Data):
-            break  # NEED_DATA (a short body shows when the pump reads), or the end
+    first = first_chunk.take() if first_chunk is not None else b""
+    held, _ = _held_body(source)  # the end, if it came, leaves the reader nothing to read
+    gauge.add(len(held))
+    return PendingBody(first + held if first and held else first or held)
+
+
+def _held_body(source: H11Endpoint) -> tuple[bytes, bool]:
+    """The body bytes ``source``'s h11 already holds, as one ``bytes``, and
+    True if the message's end came with them; never reads the stream.
+
+    At most what one read returned. A body cut short shows here as the
+    endpoint's protocol error (h11 holds the EOF), or later, when the stream
+    is read.
+    """
+    pieces: list[bytes] = []
+    while isinstance(event := source.next_event_nowait(), h11.Data):
         pieces.append(event.data)
-        gauge.add(len(event.data))
-    return PendingBody(b"".join(pieces))
+    return b"".join(pieces), isinstance(event, h11.EndOfMessage)
 
 
 class _ExactReader:

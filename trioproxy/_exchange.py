@@ -150,7 +150,8 @@ def choose_body_path(
     pipe_size = splice_pipe_size(config, source, sink, length)
     if pipe_size is not None or length < bypass_min_body(source):
         return BodyPath(length, pipe_size)
-    chunk_size = min(config.bypass_chunk_size, _most_per_read(source, config.bypass_chunk_size))
+    chunk_size = config.bypass_chunk_size
+    chunk_size = min(chunk_size, _most_per_read(source, chunk_size))
     buffer_chunks = max(1, config.max_buffered_per_direction // chunk_size - 2)
     return BodyPath(length, None, True, chunk_size, buffer_chunks)
 
